@@ -1,0 +1,37 @@
+# Two entry points for a new user: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch; installed before the project so nothing pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+REPORT ?= runs/demo
+
+.PHONY: install demo test test-fast lint protos clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/archipelago train --preset tiny --steps 300 --report $(REPORT)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+protos: install
+	$(PY) -m protos.generate
+
+clean:
+	rm -rf $(VENV) runs .archipelago

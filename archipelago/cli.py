@@ -1,0 +1,53 @@
+"""The `archipelago` console script: one entry point whose subcommands call each package's `main`.
+
+Each package parses its own arguments; this module only picks the package and turns a
+`ConfigError` (or any other user-facing `ValueError` subclass a package raises for bad input)
+into a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("island.data.cli", "prepare the tokenizer and token shards of a corpus"),
+    "train": ("island.train_cli", "train a model locally (one process)"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: archipelago COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run 'archipelago COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import archipelago
+
+        print(f"archipelago {archipelago.__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"archipelago: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    from archipelago.errors import UserError
+
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as exc:
+        print(f"archipelago {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
