@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/archipelago train --preset tiny --steps 300 --report $(REPORT)
+	$(VENV)/bin/archipelago sim --preset ci --report $(REPORT)
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -14,6 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("island.data.cli", "prepare the tokenizer and token shards of a corpus"),
     "train": ("island.train_cli", "train a model locally (one process)"),
+    "island": ("island.run_cli", "write a run's initial model (init) or run one island (run)"),
+    "coordinator": ("coordinator.cli", "run the coordinator (serve) or query it (status)"),
+    "bench": ("sim.bench", "benchmarks: codec, kernels, coordinator (ratios against a same-run baseline)"),
+    "sim": ("sim.cli", "simulate a multi-region run on this machine, against a data-parallel baseline"),
 }
 
 

@@ -216,3 +216,31 @@ def load(cls: type[T], preset: str, overrides: list[str] | None = None) -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     table = {k: v for k, v in load_preset(preset).items() if k in known}
     return build(cls, apply_overrides(table, overrides))
+
+
+def dump_toml(table: dict[str, Any]) -> str:
+    """TOML text for a table of scalars, lists and nested tables (enough for our configs)."""
+    lines: list[str] = []
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        if isinstance(value, str):
+            return json.dumps(value)
+        if isinstance(value, list | tuple):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        raise ConfigError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+    def emit(prefix: str, node: dict[str, Any]) -> None:
+        plain = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and plain:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in plain.items() if v is not None)
+        for key, value in node.items():
+            if isinstance(value, dict):
+                emit(f"{prefix}.{key}" if prefix else key, value)
+
+    emit("", table)
+    return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, island_id: _Optional[str] = ..., token: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit")
+    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit", "theta_b_sha256")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class RegisterReply(_message.Message):
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_SCHEME_FIELD_NUMBER: _ClassVar[int]
     STALENESS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    THETA_B_SHA256_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     lease_ttl_s: float
     epoch: int
@@ -33,7 +34,8 @@ class RegisterReply(_message.Message):
     fragments: _containers.RepeatedCompositeFieldContainer[FragmentState]
     broadcast_scheme: str
     staleness_limit: int
-    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ...) -> None: ...
+    theta_b_sha256: str
+    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ..., theta_b_sha256: _Optional[str] = ...) -> None: ...
 
 class FragmentState(_message.Message):
     __slots__ = ("fragment", "round", "version")

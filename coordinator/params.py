@@ -1,0 +1,103 @@
+"""The coordinator's parameter state: θ_g (fp32 master), θ_b (broadcast copy), outer momentum.
+
+One outer step for one fragment (DESIGN.md steps 7 and 9):
+  g   = Σ w_i Δ_i / Σ w_i                       (weighted mean of pseudo-gradients)
+  m  ← μ m + g;  u = g + μ m (Nesterov) or m    (outer SGD, as torch.optim.SGD does it)
+  θ_g ← θ_g − lr · u
+  δ   = θ_g − θ_b, sent quantized;  θ_b ← θ_b + Q⁻¹(Q(δ))
+Islands apply the same dequantized δ with the same fp32 add, so θ_b is bit-identical everywhere,
+and what quantization left out stays in θ_g − θ_b and travels with the next δ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from protos.broadcast import apply_delta
+from protos.codec import Payload, TensorSpec, decode, encode
+from protos.fragments import split_fragments
+
+
+@dataclass
+class Contribution:
+    """A validated push: the dequantized pseudo-gradient of one fragment and its weight."""
+
+    island_id: str
+    round: int
+    fragment: int
+    base_version: int
+    tokens: int
+    weight: float
+    delta: dict[str, torch.Tensor]
+    loss_mean: float
+    eval_loss: float
+    compute_s: float
+
+
+@dataclass
+class OuterResult:
+    version: int
+    fragment: int
+    payload: Payload  # the quantized outer delta, as islands will apply it
+    update_norm: float
+
+
+class ParamState:
+    def __init__(self, theta: dict[str, torch.Tensor], num_fragments: int) -> None:
+        self.names = list(theta)
+        self.fragments = split_fragments(self.names, num_fragments)
+        self.theta_g = {k: v.detach().float().clone() for k, v in theta.items()}
+        self.theta_b = {k: v.detach().float().clone() for k, v in theta.items()}
+        self.momentum = {k: torch.zeros_like(v) for k, v in self.theta_g.items()}
+        self.specs = {k: TensorSpec(k, tuple(v.shape), "float32") for k, v in self.theta_g.items()}
+
+    def fragment_specs(self, fragment: int) -> list[TensorSpec]:
+        return [self.specs[n] for n in self.fragments[fragment]]
+
+    def aggregate(self, contributions: list[Contribution], fragment: int) -> dict[str, torch.Tensor]:
+        """Weighted mean of the contributions' pseudo-gradients."""
+        total = sum(c.weight for c in contributions)
+        out = {}
+        for name in self.fragments[fragment]:
+            acc = torch.zeros_like(self.theta_g[name])
+            for c in contributions:
+                acc.add_(c.delta[name], alpha=c.weight / total)
+            out[name] = acc
+        return out
+
+    def outer_step(self, grad: dict[str, torch.Tensor], lr: float, momentum: float,
+                   nesterov: bool) -> dict[str, torch.Tensor]:
+        """Apply the outer SGD to θ_g for the fragment's tensors; returns the new θ_g values."""
+        for name, g in grad.items():
+            m = self.momentum[name]
+            if momentum > 0:
+                m.mul_(momentum).add_(g)
+                update = g.add(m, alpha=momentum) if nesterov else m
+            else:
+                update = g
+            self.theta_g[name].sub_(update, alpha=lr)
+        return {n: self.theta_g[n] for n in grad}
+
+    def broadcast_delta(self, fragment: int, scheme: str) -> tuple[Payload, float]:
+        """δ = θ_g − θ_b for the fragment, quantized; θ_b advances by what islands will decode."""
+        names = self.fragments[fragment]
+        delta = {n: self.theta_g[n] - self.theta_b[n] for n in names}
+        payload = encode(delta, scheme)
+        apply_delta(self.theta_b, decode(payload, [self.specs[n] for n in names]))
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
+        return payload, norm
+
+    def full_payload(self) -> Payload:
+        """θ_b, lossless, for islands that join or must reload."""
+        return encode(self.theta_b, "fp32")
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"theta_g.safetensors": self.theta_g, "theta_b.safetensors": self.theta_b,
+                "outer_momentum.safetensors": self.momentum}
+
+    def load(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.theta_g = {n: files["theta_g.safetensors"][n].float().clone() for n in self.names}
+        self.theta_b = {n: files["theta_b.safetensors"][n].float().clone() for n in self.names}
+        self.momentum = {n: files["outer_momentum.safetensors"][n].float().clone() for n in self.names}

@@ -1,0 +1,388 @@
+"""The coordinator's gRPC services (grpc.aio): islands' RPCs and the operators' Admin RPCs.
+
+Every input is validated here, at the trust boundary, before anything reaches the round engine;
+a refused call gets a gRPC status whose message names the problem, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from archipelago.checkpoint import read_checkpoint
+from coordinator.config import CoordinatorConfig
+from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
+from coordinator.metrics import Metrics
+from coordinator.params import Contribution, ParamState
+from coordinator.rounds import RoundEngine, RoundEvent, StalePush, finite
+from coordinator.store import SqliteStore
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from protos.broadcast import digest
+from protos.codec import Chunk, CodecError, Payload, decode, join_chunks, split_chunks
+
+log = logging.getLogger(__name__)
+
+STATUS = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION",
+    "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE")}
+
+
+def grpc_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
+    """Message limits for both ends; without them an oversized message surfaces as INTERNAL."""
+    return [("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The initial global model written by `archipelago island init`: tensors and manifest."""
+    files, manifest = read_checkpoint(path)
+    if "model.safetensors" not in files or "config_hash" not in manifest:
+        raise RuntimeError(f"{path} is not an initial model checkpoint (archipelago island init)")
+    tensors = files["model.safetensors"]
+    return {n: tensors[n] for n in manifest["tensor_names"]}, manifest
+
+
+class Coordinator:
+    """The state behind both services: membership, parameters, the round engine, metrics."""
+
+    def __init__(self, cfg: CoordinatorConfig, init: str | Path) -> None:
+        self.cfg = cfg
+        state_dir = Path(cfg.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        theta, manifest = load_init(init)
+        self.config_hash = manifest["config_hash"]
+        self.store = SqliteStore(state_dir / "state.sqlite")
+        self.membership = Membership(self.store, cfg.lease_ttl_s, load_tokens(cfg.islands_file))
+        self.params = ParamState(theta, int(manifest["fragments"]))
+        run_meta = {"config_hash": self.config_hash, "model": manifest.get("model"),
+                    "fragments": int(manifest["fragments"]), "tensor_names": manifest["tensor_names"]}
+        self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
+        self.resumed = self.engine.restore()
+        if not self.resumed:
+            self.engine.checkpoint()
+        self.metrics = Metrics(cfg.metrics_port)
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self._digest: tuple[int, str] = (-1, "")
+
+    def theta_b_digest(self) -> str:
+        if self._digest[0] != self.engine.version:
+            self._digest = (self.engine.version, digest(self.params.theta_b))
+        return self._digest[1]
+
+    def lease(self, lease: pb.Lease) -> Member:
+        try:
+            member = self.membership.check(lease.island_id, lease.lease_id, lease.epoch)
+        except LeaseError as exc:
+            raise Refused(exc.code, str(exc)) from exc
+        self.membership.renew(member)
+        return member
+
+    def fragment_states(self) -> list[pb.FragmentState]:
+        e = self.engine
+        return [pb.FragmentState(fragment=f, round=e.rounds[f], version=e.fragment_versions[f])
+                for f in range(e.num_fragments)]
+
+    def status(self) -> pb.StatusReply:
+        now = time.monotonic()
+        islands = [pb.IslandStatus(island_id=m.island_id, epoch=m.epoch, state=m.state,
+                                   last_seen_s=now - m.last_seen, pushes=m.pushes, bytes_in=m.bytes_in,
+                                   bytes_out=m.bytes_out)
+                   for m in self.membership.members.values()]
+        latest = self.store.latest_checkpoint()
+        detail = {"version": self.engine.version, "rounds": self.engine.rounds,
+                  "config_hash": self.config_hash, "resumed": self.resumed,
+                  "live_islands": self.membership.live(),
+                  "last_checkpoint": latest[1] if latest else None,
+                  "uptime_s": time.time() - self.started, "history": self.engine.history[-50:]}
+        return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
+                              islands=islands, json=json.dumps(detail))
+
+    async def run_ticker(self) -> None:
+        while not self.stopping.is_set():
+            await self.engine.tick()
+            self.metrics.observe(self)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=min(0.25, self.cfg.lease_ttl_s / 4))
+            except asyncio.TimeoutError:
+                pass
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> None:
+    await context.abort(STATUS[exc.code], str(exc))
+
+
+def payload_parts(payload: Payload, header: pb.PayloadHeader, chunk_bytes: int) -> list[pb.PayloadPart]:
+    chunks = split_chunks(payload.body, chunk_bytes)
+    header.codec_header = payload.header_bytes()
+    header.body_len = len(payload.body)
+    header.body_sha256 = payload.header["body_sha256"]
+    header.num_chunks = len(chunks)
+    parts = [pb.PayloadPart(header=header)]
+    parts += [pb.PayloadPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32)) for c in chunks]
+    return parts
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
+        c = self.c
+        try:
+            c.membership.authenticate(request.island_id, request.token)
+            if request.config_hash != c.config_hash:
+                raise Refused("FAILED_PRECONDITION", f"config hash {request.config_hash!r} of island "
+                              f"'{request.island_id}' differs from the run's (model, tensors or fragments "
+                              "differ)")
+            member = c.membership.register(request.island_id, request.token)
+        except LeaseError as exc:
+            await context.abort(STATUS[exc.code], str(exc))
+        except Refused as exc:
+            await _abort(context, exc)
+        log.info("island %s registered (epoch %d)", member.island_id, member.epoch)
+        return pb.RegisterReply(lease_id=member.lease_id, lease_ttl_s=c.cfg.lease_ttl_s, epoch=member.epoch,
+                                version=c.engine.version, fragments=c.fragment_states(),
+                                broadcast_scheme=c.cfg.broadcast_scheme,
+                                staleness_limit=c.cfg.staleness_limit,
+                                theta_b_sha256=c.theta_b_digest())
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        try:
+            self.c.lease(request.lease)
+        except Refused as exc:
+            await _abort(context, exc)
+        return pb.HeartbeatReply(version=self.c.engine.version, fragments=self.c.fragment_states())
+
+    async def PullParams(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PayloadPart]:
+        c = self.c
+        try:
+            member = c.lease(request.lease)
+        except Refused as exc:
+            await _abort(context, exc)
+            return
+        async with c.engine.lock:
+            records = None if request.full else c.engine.deltas_since(request.since_version)
+            if records is None:
+                version, payload = await asyncio.to_thread(c.engine.full_copy)
+                messages = payload_parts(payload, pb.PayloadHeader(version=version, fragment=-1, full=True),
+                                         c.cfg.chunk_bytes)
+            else:
+                messages = []
+                for r in records:
+                    messages += payload_parts(r.payload, pb.PayloadHeader(version=r.version, fragment=r.fragment,
+                                                                          full=False), c.cfg.chunk_bytes)
+        for message in messages:
+            member.bytes_out += message.ByteSize()
+            yield message
+
+    async def PushPseudoGrad(self, request_iterator, context) -> pb.PushReply:
+        c = self.c
+        try:
+            contribution, member, nbytes = await self._receive_push(request_iterator)
+            open_round = c.engine.rounds[contribution.fragment]
+            try:
+                version = await c.engine.submit(contribution)
+            except StalePush as exc:
+                raise Refused("FAILED_PRECONDITION", str(exc)) from exc
+            except KeyError as exc:
+                raise Refused("ALREADY_EXISTS", f"push for island '{contribution.island_id}' round "
+                              f"{contribution.round} fragment {contribution.fragment} was already "
+                              "received") from exc
+        except Refused as exc:
+            c.metrics.refused.labels(reason=exc.code).inc()
+            log.warning("push refused: %s %s", exc.code, exc)
+            await _abort(context, exc)
+        member.pushes += 1
+        member.bytes_in += nbytes
+        c.metrics.pushes.labels(island=member.island_id).inc()
+        c.metrics.bytes_in.labels(island=member.island_id).inc(nbytes)
+        late = "" if contribution.round >= open_round else (
+            f" (late: round {contribution.round} was closed; counts toward round {open_round}, "
+            f"weight {contribution.weight / max(1, contribution.tokens):.3g} per token)")
+        return pb.PushReply(accepted=True, round=contribution.round, version=version,
+                            message=f"accepted for fragment {contribution.fragment}{late}")
+
+    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int]:
+        c = self.c
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise Refused("INVALID_ARGUMENT", "a push must start with a PushHeader")
+        h = first.header
+        member = c.lease(h.lease)
+        engine = c.engine
+        if h.fragment >= engine.num_fragments:
+            raise Refused("INVALID_ARGUMENT", f"fragment {h.fragment} does not exist "
+                          f"(the run has {engine.num_fragments})")
+        if h.round > engine.rounds[h.fragment]:
+            raise Refused("FAILED_PRECONDITION", f"round {h.round} of fragment {h.fragment} is not open "
+                          f"(the open round is {engine.rounds[h.fragment]})")
+        if engine.applied((member.island_id, h.round, h.fragment)):
+            raise Refused("ALREADY_EXISTS", f"push for island '{member.island_id}' round {h.round} "
+                          f"fragment {h.fragment} was already received")
+        if h.base_version > engine.version:
+            raise Refused("INVALID_ARGUMENT", f"base version {h.base_version} is ahead of the global "
+                          f"version {engine.version}")
+        staleness = engine.version - h.base_version
+        if staleness > c.cfg.staleness_limit:
+            raise Refused("FAILED_PRECONDITION", f"base version {h.base_version} is {staleness} versions "
+                          f"old; the staleness limit is {c.cfg.staleness_limit}")
+        if h.body_len > c.cfg.max_payload_bytes:
+            raise Refused("RESOURCE_EXHAUSTED", f"payload of {h.body_len} bytes exceeds the limit of "
+                          f"{c.cfg.max_payload_bytes}")
+        expected_chunks = -(-h.body_len // c.cfg.chunk_bytes)
+        if h.num_chunks != expected_chunks:
+            raise Refused("INVALID_ARGUMENT", f"{h.num_chunks} chunks do not fit a body of {h.body_len} bytes "
+                          f"in chunks of {c.cfg.chunk_bytes} bytes (expected {expected_chunks})")
+        chunks: list[Chunk] = []
+        received = first.ByteSize()
+        body_bytes = 0
+        async for part in request_iterator:
+            if part.WhichOneof("part") != "chunk":
+                raise Refused("INVALID_ARGUMENT", "a push carries one PushHeader, then only chunks")
+            received += part.ByteSize()
+            body_bytes += len(part.chunk.data)
+            if len(chunks) >= h.num_chunks or body_bytes > h.body_len:
+                raise Refused("INVALID_ARGUMENT", f"more data than declared ({h.num_chunks} chunks, "
+                              f"{h.body_len} bytes)")
+            if zlib.crc32(part.chunk.data) != part.chunk.crc32:
+                raise Refused("DATA_LOSS", f"chunk {part.chunk.index} fails its crc32 check")
+            chunks.append(Chunk(part.chunk.index, part.chunk.data, part.chunk.crc32))
+        if len(chunks) != h.num_chunks:
+            raise Refused("DATA_LOSS", f"stream ended after {len(chunks)} of {h.num_chunks} chunks "
+                          "(truncated push)")
+        try:
+            body = join_chunks(chunks, h.body_len, h.body_sha256)
+        except CodecError as exc:
+            raise Refused("DATA_LOSS", f"payload refused: {exc}") from exc
+        try:
+            payload = Payload.from_header_bytes(h.codec_header, body)
+            if payload.header.get("scheme") != h.scheme:
+                raise CodecError(f"codec header scheme {payload.header.get('scheme')!r} differs from the "
+                                 f"push header's {h.scheme!r}")
+            delta = await asyncio.to_thread(decode, payload, c.params.fragment_specs(h.fragment))
+        except CodecError as exc:
+            raise Refused("INVALID_ARGUMENT", f"payload refused: {exc}") from exc
+        bad = finite(delta)
+        if bad is not None:
+            raise Refused("INVALID_ARGUMENT", f"pseudo-gradient tensor '{bad}' contains NaN or Inf")
+        norm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
+        if c.cfg.max_update_norm > 0 and norm > c.cfg.max_update_norm:
+            raise Refused("INVALID_ARGUMENT", f"pseudo-gradient norm {norm:.4g} exceeds the bound "
+                          f"{c.cfg.max_update_norm:.4g}")
+        if h.tokens == 0:
+            raise Refused("INVALID_ARGUMENT", "a push must report the tokens it trained on (tokens=0)")
+        weight = h.tokens * (c.cfg.staleness_discount ** staleness)
+        return Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
+                            h.loss_mean, h.eval_loss, h.compute_s), member, received
+
+    async def Subscribe(self, request: pb.SubscribeRequest, context) -> AsyncIterator[pb.Event]:
+        c = self.c
+        try:
+            c.lease(request.lease)
+        except Refused as exc:
+            await _abort(context, exc)
+            return
+        queue: asyncio.Queue[RoundEvent] = asyncio.Queue()
+        c.engine.subscribers.add(queue)
+        try:
+            while True:
+                event = await queue.get()
+                yield pb.Event(kind=pb.Event.Kind.Value(event.kind), version=event.version,
+                               fragment=event.fragment, round=event.round, message=event.message)
+                if event.kind == "SHUTDOWN":
+                    return
+        finally:
+            c.engine.subscribers.discard(queue)
+
+    async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        c = self.c
+        tokens = c.membership.tokens
+        if tokens is not None and not (request.island_id in tokens and
+                                       same_secret(tokens[request.island_id], request.token)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "GetStatus needs a valid island id and token")
+        return c.status()
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    async def _check(self, credential: str, context) -> None:
+        expected = self.c.cfg.admin_credential
+        if not expected:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "admin RPCs are disabled: set coordinator.admin_credential")
+        if not same_secret(expected, credential):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong admin credential")
+
+    async def Status(self, request: pb.AdminRequest, context) -> pb.StatusReply:
+        await self._check(request.credential, context)
+        return self.c.status()
+
+    async def Drain(self, request: pb.DrainRequest, context) -> pb.AdminReply:
+        await self._check(request.credential, context)
+        try:
+            self.c.membership.drain(request.island_id)
+        except LeaseError as exc:
+            await context.abort(STATUS[exc.code], str(exc))
+        return pb.AdminReply(ok=True, message=f"island '{request.island_id}' drained",
+                             version=self.c.engine.version)
+
+    async def Rollback(self, request: pb.RollbackRequest, context) -> pb.AdminReply:
+        await self._check(request.credential, context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rollback is not available in this version")
+
+    async def Checkpoint(self, request: pb.AdminRequest, context) -> pb.AdminReply:
+        await self._check(request.credential, context)
+        async with self.c.engine.lock:
+            path = await asyncio.to_thread(self.c.engine.checkpoint)
+        return pb.AdminReply(ok=True, message=str(path), version=self.c.engine.version)
+
+    async def Shutdown(self, request: pb.AdminRequest, context) -> pb.AdminReply:
+        await self._check(request.credential, context)
+        self.c.engine.publish(RoundEvent("SHUTDOWN", self.c.engine.version, -1, 0, "shutdown by operator"))
+        self.c.stopping.set()
+        return pb.AdminReply(ok=True, message="shutting down", version=self.c.engine.version)
+
+
+async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event | None = None) -> None:
+    """Run the coordinator until an admin Shutdown (or cancellation)."""
+    coord = Coordinator(cfg, init)
+    server = grpc.aio.server(options=grpc_options(cfg))
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coord), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    await server.start()
+    address = f"{cfg.host}:{port}"
+    (Path(cfg.state_dir) / "address").write_text(address)
+    log.info("coordinator listening on %s (version %d, %s)", address, coord.engine.version,
+             "resumed" if coord.resumed else "fresh")
+    if ready is not None:
+        ready.set()
+    ticker = asyncio.create_task(coord.run_ticker())
+    try:
+        await coord.stopping.wait()
+        await asyncio.sleep(0.2)  # let the SHUTDOWN events reach subscribers
+    finally:
+        coord.stopping.set()
+        ticker.cancel()
+        await server.stop(grace=1.0)
+        coord.store.close()

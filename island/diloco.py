@@ -1,0 +1,327 @@
+"""The DiLoCo client: one island's outer loop around the untouched inner trainer.
+
+    register; pull θ_b; θ_local = θ_b
+    for each sync point (every H/F inner steps, fragments in turn):
+        inner steps with AdamW on the island's own shard          (Trainer.train_step)
+        Δ_f = θ_b_f − θ_local_f, encoded with error feedback       (DESIGN.md step 4)
+        push Δ_f; wait for the fragment's commit; pull the outer delta(s); θ_b += δ̂
+        θ_local_f ← θ_b_f + (θ_local_f(now) − θ_local_f(t0))        (step 10; no training in between
+                                                                   here, so θ_local_f ← θ_b_f)
+Inner optimizer state never leaves the island (DiLoCo, Douillard et al., arXiv:2311.08105;
+streaming fragments: arXiv:2501.18512).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from archipelago.config import ConfigError, config_hash
+from island.train import Trainer, model_tensors
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from protos.broadcast import apply_delta, digest
+from protos.codec import Chunk, ErrorFeedback, Payload, TensorSpec, decode, join_chunks, split_chunks
+from protos.fragments import split_fragments
+from protos.quant import SCHEMES
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class DiLoCoConfig:
+    inner_steps: int = 50  # H
+    fragments: int = 1  # F: streaming DiLoCo syncs fragment f at inner-step offset f·H/F
+    codec: str = "int8-block"
+    rounds: int = 6  # outer rounds each island runs
+    eval_every_rounds: int = 1  # island 0 evaluates θ_b after every k-th round; 0: never
+    chunk_bytes: int = 1 << 20
+    max_message_bytes: int = 8 << 20
+    reconnect_timeout_s: float = 60.0
+    commit_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1 or self.fragments < 1 or self.rounds < 1:
+            raise ConfigError("diloco.inner_steps, diloco.fragments and diloco.rounds must be >= 1")
+        if self.inner_steps % self.fragments:
+            raise ConfigError(f"diloco.inner_steps ({self.inner_steps}) must be a multiple of "
+                              f"diloco.fragments ({self.fragments})")
+        if self.codec not in SCHEMES:
+            raise ConfigError(f"diloco.codec '{self.codec}' is not one of {sorted(SCHEMES)}")
+
+
+def run_config_hash(model_cfg: Any, names_shapes: list[tuple[str, tuple[int, ...]]], fragments: int) -> str:
+    """What must agree between every island and the coordinator: model, tensors, fragments."""
+    from dataclasses import asdict
+
+    return config_hash({"model": asdict(model_cfg), "tensors": [[n, list(s)] for n, s in names_shapes],
+                        "fragments": fragments})
+
+
+def synced_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The model's floating tensors that DiLoCo syncs (parameters and persistent buffers), by name.
+
+    They are the live storage of the model: writing into them updates the model.
+    """
+    return {n: t for n, t in sorted(model_tensors(trainer.model).items()) if t.is_floating_point()}
+
+
+@dataclass
+class IslandStats:
+    rounds: int = 0
+    pushes: int = 0
+    compute_s: float = 0.0
+    blocked_s: float = 0.0
+    reconnects: int = 0
+    eval_curve: list[dict[str, float]] = field(default_factory=list)
+    sync_log: list[dict[str, float]] = field(default_factory=list)
+
+
+class DiLoCoClient:
+    def __init__(self, cfg: DiLoCoConfig, trainer: Trainer, address: str, island_id: str, token: str = "") -> None:
+        self.cfg = cfg
+        self.trainer = trainer
+        self.address = address
+        self.island_id = island_id
+        self.token = token
+        self.local = synced_tensors(trainer)
+        self.names = list(self.local)
+        self.fragments = split_fragments(self.names, cfg.fragments)
+        self.specs = {n: TensorSpec(n, tuple(t.shape), "float32") for n, t in self.local.items()}
+        self.config_hash = run_config_hash(trainer.job.model, [(n, tuple(t.shape)) for n, t in
+                                                               self.local.items()], cfg.fragments)
+        self.theta_b: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self.rounds = [0] * cfg.fragments
+        self.base_version = [0] * cfg.fragments
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.feedback = [ErrorFeedback() for _ in range(cfg.fragments)]
+        self.events: queue.Queue[pb.Event] = queue.Queue()
+        self.stats = IslandStats()
+        self.lease: pb.Lease | None = None
+        self.ttl_s = 10.0
+        self._stop = threading.Event()
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes)])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.loss_sum = 0.0
+        self.loss_count = 0
+
+    # ---- the outer loop -------------------------------------------------------------------------
+
+    def run(self) -> IslandStats:
+        """Register, pull, and run `cfg.rounds` outer rounds of H inner steps each."""
+        self.connect()
+        per_fragment = self.cfg.inner_steps // self.cfg.fragments
+        # Join the fragment schedule where the run is: the fragment whose open round is oldest.
+        first = min(range(self.cfg.fragments), key=lambda f: (self.rounds[f], f))
+        order = [(first + i) % self.cfg.fragments for i in range(self.cfg.fragments)]
+        try:
+            for _ in range(self.cfg.rounds):
+                for fragment in order:
+                    self.inner_steps(per_fragment)
+                    self.sync(fragment)
+                self.stats.rounds += 1
+                self.maybe_evaluate()
+        finally:
+            self.close()
+        return self.stats
+
+    def inner_steps(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            s = self.trainer.train_step()
+            self.loss_sum += s.loss
+            self.loss_count += 1
+        self.stats.compute_s += time.perf_counter() - start
+
+    def maybe_evaluate(self) -> None:
+        k = self.cfg.eval_every_rounds
+        if k and self.island_id_index == 0 and self.stats.rounds % k == 0:
+            self.stats.eval_curve.append({"round": self.stats.rounds, "version": self.version,
+                                          "loss": self.evaluate_broadcast()})
+
+    @property
+    def island_id_index(self) -> int:
+        return self.trainer.loader.island_id
+
+    @torch.no_grad()
+    def evaluate_broadcast(self) -> float:
+        """Eval loss of θ_b (the model every island shares), without disturbing local weights."""
+        saved = {n: t.clone() for n, t in self.local.items()}
+        for n, t in self.local.items():
+            t.copy_(self.theta_b[n])
+        loss = self.trainer.evaluate()
+        for n, t in self.local.items():
+            t.copy_(saved[n])
+        return loss
+
+    # ---- one sync -------------------------------------------------------------------------------
+
+    def sync(self, fragment: int) -> None:
+        """Push fragment's pseudo-gradient, wait for its commit, merge the new θ_b."""
+        start = time.perf_counter()
+        names = self.fragments[fragment]
+        with torch.no_grad():
+            snapshot = {n: self.local[n].detach().clone() for n in names}
+            delta = {n: self.theta_b[n] - snapshot[n] for n in names}
+        self.snapshots[fragment] = snapshot
+        payload, _ = self.feedback[fragment].encode(delta, self.cfg.codec)
+        round_ = self.rounds[fragment]
+        self.push(fragment, round_, payload)
+        self.wait_for_commit(fragment, round_)
+        self.stats.blocked_s += time.perf_counter() - start
+        self.stats.sync_log.append({"fragment": fragment, "round": round_, "version": self.version,
+                                    "seconds": time.perf_counter() - start})
+
+    def push(self, fragment: int, round_: int, payload: Payload) -> None:
+        chunks = split_chunks(payload.body, self.cfg.chunk_bytes)
+        loss_mean = self.loss_sum / self.loss_count if self.loss_count else float("nan")
+        tokens = self.loss_count * self.trainer.tokens_per_step
+
+        def messages():
+            yield pb.PushPart(header=pb.PushHeader(
+                lease=self.lease, fragment=fragment, round=round_, base_version=self.base_version[fragment],
+                tokens=tokens, loss_mean=loss_mean, eval_loss=float("nan"), scheme=payload.header["scheme"],
+                codec_header=payload.header_bytes(), body_len=len(payload.body),
+                body_sha256=payload.header["body_sha256"], num_chunks=len(chunks),
+                compute_s=self.stats.compute_s))
+            for c in chunks:
+                yield pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
+
+        reply = self.call(lambda: self.stub.PushPseudoGrad(messages()))
+        self.stats.pushes += 1
+        self.loss_sum, self.loss_count = 0.0, 0
+        log.info("island %s pushed fragment %d round %d (%s)", self.island_id, fragment, round_, reply.message)
+
+    def wait_for_commit(self, fragment: int, round_: int) -> None:
+        deadline = time.monotonic() + self.cfg.commit_timeout_s
+        while self.rounds[fragment] <= round_:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"island {self.island_id}: no commit of fragment {fragment} round "
+                                   f"{round_} within {self.cfg.commit_timeout_s}s")
+            try:
+                event = self.events.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if event.kind == pb.Event.SHUTDOWN:
+                raise RuntimeError(f"coordinator shut down: {event.message}")
+            if event.kind == pb.Event.COMMITTED and event.version > self.version:
+                self.pull()
+
+    # ---- pulls and merges -----------------------------------------------------------------------
+
+    def pull(self, full: bool = False) -> None:
+        """Bring θ_b to the coordinator's version: every delta since ours, or the full copy."""
+        stream = self.call(lambda: list(self.stub.PullParams(
+            pb.PullRequest(lease=self.lease, full=full, since_version=self.version))))
+        header, chunks = None, []
+        for part in stream + [None]:
+            if part is None or part.WhichOneof("part") == "header":
+                if header is not None:
+                    self.apply_payload(header, chunks)
+                if part is not None:
+                    header, chunks = part.header, []
+            else:
+                chunks.append(Chunk(part.chunk.index, part.chunk.data, part.chunk.crc32))
+
+    @torch.no_grad()
+    def apply_payload(self, header: pb.PayloadHeader, chunks: list[Chunk]) -> None:
+        body = join_chunks(chunks, header.body_len, header.body_sha256)
+        payload = Payload.from_header_bytes(header.codec_header, body)
+        if header.full:
+            tensors = decode(payload, [self.specs[n] for n in self.names])
+            self.theta_b = {n: tensors[n].clone() for n in self.names}
+            for n, t in self.local.items():
+                t.copy_(self.theta_b[n])
+            self.version = header.version
+            self.base_version = [header.version] * self.cfg.fragments
+            self.snapshots.clear()
+            return
+        if header.version != self.version + 1:
+            raise RuntimeError(f"delta for version {header.version} cannot follow version {self.version}")
+        fragment = header.fragment
+        names = self.fragments[fragment]
+        delta = decode(payload, [self.specs[n] for n in names])
+        apply_delta(self.theta_b, delta)
+        snapshot = self.snapshots.pop(fragment, None)
+        for n in names:  # DESIGN.md step 10: keep what was trained since the snapshot
+            if snapshot is None:
+                self.local[n].add_(delta[n])
+            else:
+                self.local[n].copy_(self.theta_b[n] + (self.local[n] - snapshot[n]))
+        self.version = header.version
+        self.base_version[fragment] = header.version
+        self.rounds[fragment] += 1
+
+    # ---- connection -----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        reply = self.call(lambda: self.stub.Register(pb.RegisterRequest(
+            island_id=self.island_id, token=self.token, config_hash=self.config_hash)), register=False)
+        self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
+        self.ttl_s = reply.lease_ttl_s
+        self.rounds = [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)]
+        self.start_background()
+        if reply.theta_b_sha256 and reply.theta_b_sha256 == digest(self.local) and not self.theta_b:
+            # This island already holds θ_b bit for bit (same seed, version 0): no need to pull it.
+            self.theta_b = {n: t.detach().clone() for n, t in self.local.items()}
+            self.version = reply.version
+            self.base_version = [reply.version] * self.cfg.fragments
+        else:
+            self.pull(full=True)
+        log.info("island %s registered (epoch %d) at version %d", self.island_id, reply.epoch, self.version)
+
+    def start_background(self) -> None:
+        threading.Thread(target=self._subscribe, name="subscribe", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+
+    def _subscribe(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for event in self.stub.Subscribe(pb.SubscribeRequest(lease=self.lease)):
+                    self.events.put(event)
+                    if event.kind == pb.Event.SHUTDOWN:
+                        return
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("subscription lost (%s); retrying", exc.code())
+                self._stop.wait(0.5)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(lease=self.lease), timeout=self.ttl_s)
+            except grpc.RpcError as exc:
+                log.warning("heartbeat failed: %s", exc.code())
+
+    def call(self, fn, register: bool = True):
+        """Run an RPC, retrying with exponential backoff while the coordinator is unreachable."""
+        deadline = time.monotonic() + self.cfg.reconnect_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+                self.stats.reconnects += 1
+                log.warning("coordinator unreachable (%s); retrying in %.1fs", exc.code(), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.channel.close()

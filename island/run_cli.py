@@ -1,0 +1,104 @@
+"""`archipelago island init|run`: write a run's initial model, or run one island process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from archipelago import config as cfglib
+from archipelago.checkpoint import write_checkpoint
+from archipelago.runinfo import run_metadata, write_json
+from island.data import DataConfig
+from island.diloco import DiLoCoClient, DiLoCoConfig, run_config_hash, synced_tensors
+from island.model import ModelConfig
+from island.train import OptimConfig, TrainConfig, Trainer, TrainJobConfig
+from protos.broadcast import digest
+
+
+@dataclass
+class IslandJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+
+    def train_job(self) -> TrainJobConfig:
+        return TrainJobConfig(self.model, self.data, self.optim, self.train)
+
+    @property
+    def total_inner_steps(self) -> int:
+        return self.diloco.rounds * self.diloco.inner_steps
+
+
+def load_job(preset: str, overrides: list[str], fragments: int | None = None) -> IslandJobConfig:
+    overrides = list(overrides)
+    if fragments is not None:
+        overrides.append(f"diloco.fragments={fragments}")
+    return cfglib.load(IslandJobConfig, preset, overrides)
+
+
+def write_initial_model(job: IslandJobConfig, out: str | Path) -> Path:
+    """The run's θ_0 (every island's and the coordinator's starting point) and its config hash."""
+    from island.model import build_model
+    from island.train import model_tensors
+
+    model = build_model(job.model, seed=job.train.seed)
+    tensors = {n: t for n, t in sorted(model_tensors(model).items()) if t.is_floating_point()}
+    digest = run_config_hash(job.model, [(n, tuple(t.shape)) for n, t in tensors.items()],
+                             job.diloco.fragments)
+    return write_checkpoint(out, {"model.safetensors": tensors}, {
+        "kind": "init", "config_hash": digest, "model": asdict(job.model),
+        "fragments": job.diloco.fragments, "tensor_names": list(tensors), "seed": job.train.seed})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="archipelago island", description=__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+    for name in ("init", "run"):
+        s = sub.add_parser(name)
+        s.add_argument("--preset", default="ci")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        s.add_argument("--fragments", type=int, help="override diloco.fragments")
+    init = sub.choices["init"]
+    init.add_argument("--out", required=True, help="folder for the initial model checkpoint")
+    run = sub.choices["run"]
+    run.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    run.add_argument("--island-id", required=True)
+    run.add_argument("--island-index", type=int, default=0, help="this island's data shard index")
+    run.add_argument("--num-islands", type=int, default=1, help="how many shards the data is split into")
+    run.add_argument("--token", default=os.environ.get("ARCHIPELAGO_ISLAND_TOKEN", ""),
+                     help="island token (default: $ARCHIPELAGO_ISLAND_TOKEN)")
+    run.add_argument("--report", help="write the island's report JSON here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    job = load_job(args.preset, args.overrides, args.fragments)
+    if args.action == "init":
+        path = write_initial_model(job, args.out)
+        print(f"initial model written to {path}")
+        return 0
+    if not 0 <= args.island_index < args.num_islands:
+        raise cfglib.ConfigError(f"--island-index {args.island_index} must be in [0, {args.num_islands})")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
+    trainer = Trainer(job.train_job(), island_id=args.island_index, num_islands=args.num_islands,
+                      total_steps=job.total_inner_steps)
+    client = DiLoCoClient(job.diloco, trainer, args.coordinator, args.island_id, args.token)
+    stats = client.run()
+    if args.report:
+        write_json(args.report, {
+            "island_id": args.island_id, "island_index": args.island_index, "rounds": stats.rounds,
+            "pushes": stats.pushes, "inner_steps": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
+            "compute_s": stats.compute_s, "blocked_s": stats.blocked_s, "reconnects": stats.reconnects,
+            "final_version": client.version, "eval_curve": stats.eval_curve, "sync_log": stats.sync_log,
+            "theta_b_sha256": digest(client.theta_b),
+            **run_metadata(job.train.seed, job)})
+    return 0
+
+
+__all__ = ["IslandJobConfig", "load_job", "write_initial_model", "synced_tensors", "main"]

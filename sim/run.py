@@ -1,0 +1,224 @@
+"""A multi-region run on one machine: one coordinator and N island processes over loopback gRPC,
+each island's link through a byte-counting proxy, then the data-parallel baseline on the same
+model, data and tokens, and a report comparing the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from archipelago import config as cfglib
+from archipelago.checkpoint import read_checkpoint
+from archipelago.config import ConfigError
+from coordinator.config import CoordinatorConfig
+from island.data import DataConfig, open_dataset
+from island.diloco import DiLoCoConfig
+from island.model import ModelConfig
+from island.run_cli import IslandJobConfig, write_initial_model
+from island.train import OptimConfig, TrainConfig, Trainer
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from protos.broadcast import digest
+from sim.wan import LinkProxy
+
+
+@dataclass
+class SimSection:
+    islands: int = 3
+    baseline: str = "ddp"  # ddp | none
+    timeout_s: float = 1800.0
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class SimConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    sim: SimSection = field(default_factory=SimSection)
+
+    def __post_init__(self) -> None:
+        if self.sim.islands < 1:
+            raise ConfigError(f"sim.islands must be >= 1, got {self.sim.islands}")
+        if self.sim.baseline not in ("ddp", "none"):
+            raise ConfigError(f"sim.baseline must be ddp or none, got '{self.sim.baseline}'")
+
+    def island_job(self) -> IslandJobConfig:
+        return IslandJobConfig(self.model, self.data, self.optim, self.train, self.diloco)
+
+
+class ProcessGroup:
+    """Child processes started by the simulation, each in its own session, killed by PID."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "archipelago.cli", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.procs[name] = proc
+        return proc
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+
+    def kill_all(self) -> None:
+        for name in self.procs:
+            self.kill(name)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before writing {path}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not appear within {timeout_s}s")
+
+
+def run_islands(cfg: SimConfig, out: Path, preset_file: Path) -> dict[str, Any]:
+    """Start the coordinator and the islands, wait for them, return what they measured."""
+    n = cfg.sim.islands
+    coord_dir = out / "coordinator"
+    if coord_dir.exists():
+        shutil.rmtree(coord_dir)
+    coord_dir.mkdir(parents=True)
+    write_initial_model(cfg.island_job(), coord_dir / "init")
+    tokens = {f"island-{i}": secrets.token_hex(16) for i in range(n)}
+    (coord_dir / "islands.json").write_text(json.dumps(tokens))
+    os.chmod(coord_dir / "islands.json", 0o600)
+    credential = secrets.token_hex(16)
+    group = ProcessGroup(out)
+    proxies: list[LinkProxy] = []
+    start = time.perf_counter()
+    try:
+        coord = group.start("coordinator", [
+            "coordinator", "serve", "--preset", str(preset_file), "--init", str(coord_dir / "init"),
+            "--state-dir", str(coord_dir), "--host", cfg.sim.host, "--port", "0",
+            "--set", f"coordinator.islands_file={json.dumps(str(coord_dir / 'islands.json'))}",
+            # no round closes before every simulated island has joined
+            "--set", f"coordinator.min_islands={n}"],
+            env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
+        address = wait_for_file(coord_dir / "address", coord, 120)
+        for i, (island_id, token) in enumerate(tokens.items()):
+            proxy = LinkProxy(address, listen_host=cfg.sim.host).start()
+            proxies.append(proxy)
+            group.start(island_id, [
+                "island", "run", "--preset", str(preset_file), "--coordinator", proxy.address,
+                "--island-id", island_id, "--island-index", str(i), "--num-islands", str(n),
+                "--report", str(out / f"{island_id}.json")], env={"ARCHIPELAGO_ISLAND_TOKEN": token})
+        deadline = time.monotonic() + cfg.sim.timeout_s
+        pending = set(tokens)
+        while pending:
+            for name in list(pending):
+                code = group.procs[name].poll()
+                if code is None:
+                    continue
+                if code != 0:
+                    raise RuntimeError(f"{name} exited with {code}:\n{group.tail(name)}")
+                pending.discard(name)
+            if coord.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {coord.returncode}:\n{group.tail('coordinator')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"islands {sorted(pending)} did not finish within {cfg.sim.timeout_s}s")
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        with grpc.insecure_channel(address) as channel:
+            status = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=30)
+            pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=credential), timeout=30)
+        coord.wait(timeout=60)
+    finally:
+        group.kill_all()
+        for proxy in proxies:
+            proxy.stop()
+    islands = [json.loads((out / f"{i}.json").read_text()) for i in tokens]
+    return {"islands": islands, "links": [p.stats for p in proxies], "wall_s": wall,
+            "status": json.loads(status.json), "coordinator_dir": coord_dir}
+
+
+@torch.no_grad()
+def evaluate_global(cfg: SimConfig, coord_dir: Path) -> tuple[float, int, str]:
+    """Eval loss of θ_g from the coordinator's newest checkpoint, its version, and θ_b's digest."""
+    newest = sorted((coord_dir / "checkpoints").glob("v*"))[-1]
+    files, manifest = read_checkpoint(newest)
+    trainer = Trainer(cfg.island_job().train_job())
+    tensors = dict(trainer.model.named_parameters()) | dict(trainer.model.named_buffers())
+    for name, value in files["theta_g.safetensors"].items():
+        tensors[name].copy_(value)
+    return trainer.evaluate(), int(manifest["version"]), digest(files["theta_b.safetensors"])
+
+
+def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    open_dataset(cfg.data)  # prepare once, before any process needs it
+    preset_file = out / "sim-config.toml"
+    preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
+    result = run_islands(cfg, out, preset_file)
+    final_eval, final_version, coordinator_theta_b = evaluate_global(cfg, result["coordinator_dir"])
+    island_digests = {i["theta_b_sha256"] for i in result["islands"]}
+    n, h = cfg.sim.islands, cfg.diloco.inner_steps
+    steps = cfg.diloco.rounds * h
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    report: dict[str, Any] = {
+        "preset": preset_label,
+        "islands": n, "inner_steps": h, "outer_rounds": cfg.diloco.rounds, "fragments": cfg.diloco.fragments,
+        "tokens": sum(i["tokens"] for i in result["islands"]),
+        "final_eval_loss": final_eval, "final_version": final_version,
+        "codec": cfg.diloco.codec, "broadcast_codec": cfg.coordinator.broadcast_scheme,
+        "wan_bytes": sum(link.total for link in result["links"]),
+        "wan_bytes_per_island": [{"up": link.bytes_up, "down": link.bytes_down} for link in result["links"]],
+        "peak_wan_bits_per_s": max(link.peak_bits_per_s() for link in result["links"]),
+        "compute_utilization": sum(i["compute_s"] / max(1e-9, i["compute_s"] + i["blocked_s"])
+                                   for i in result["islands"]) / n,
+        "wall_s": result["wall_s"],
+        # every island and the coordinator hold the same broadcast copy, bit for bit
+        "theta_b_identical": island_digests == {coordinator_theta_b},
+        "theta_b_sha256": coordinator_theta_b,
+        "diloco_eval_curve": [{"tokens": p["round"] * h * n * tokens_per_step, "loss": p["loss"],
+                               "version": p["version"]} for p in result["islands"][0]["eval_curve"]],
+    }
+    if cfg.sim.baseline == "ddp":
+        from sim.ddp import run_ddp
+
+        ddp = run_ddp(cfg.island_job().train_job(), n, steps, out / "ddp", eval_every=h,
+                      timeout_s=cfg.sim.timeout_s)
+        report.update({
+            "baseline_eval_loss": ddp["final_eval_loss"],
+            "loss_gap_rel": final_eval / ddp["final_eval_loss"] - 1,
+            "baseline_wan_bytes": ddp["baseline_wan_bytes"],
+            "comm_reduction": ddp["baseline_wan_bytes"] / report["wan_bytes"],
+            "baseline_wall_s": ddp["wall_s"], "baseline_tokens": ddp["tokens"],
+            "baseline_eval_curve": ddp["eval_curve"],
+        })
+    return report
