@@ -41,7 +41,7 @@ def test_train_config_errors(capsys, tmp_path, args, needle):
     assert needle in one_line_error(err)
 
 
-def test_train_resume_from_corrupt_checkpoint(capsys, tmp_path):
+def test_train_resume_from_corrupt_checkpoint(capsys, tmp_path, data_cache):
     import torch
     from safetensors.torch import save_file
 
@@ -52,7 +52,7 @@ def test_train_resume_from_corrupt_checkpoint(capsys, tmp_path):
                             {"step": 0})
     save_file({"x": torch.ones(2)}, str(ckpt / "model.safetensors"))
     code, _, err = run_cli(capsys, "train", "--report", str(tmp_path / "r"), "--resume", str(ckpt),
-                           "--set", f"data.cache_dir={tmp_path / 'data'}")
+                           "--set", f"data.cache_dir={data_cache}")
     assert code == 2
     assert "sha256 mismatch" in one_line_error(err) and "model.safetensors" in err
 

@@ -16,8 +16,11 @@ SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_k
          "train.steps=12", "optim.warmup_steps=3"]
 
 
-def small_job(tmp_path, *extra: str) -> TrainJobConfig:
-    return cfglib.load(TrainJobConfig, "tiny", SMALL + [f"data.cache_dir={tmp_path / 'data'}", *extra])
+@pytest.fixture
+def small_job(data_cache):
+    def make(*extra: str) -> TrainJobConfig:
+        return cfglib.load(TrainJobConfig, "tiny", SMALL + [f"data.cache_dir={data_cache}", *extra])
+    return make
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():
@@ -29,8 +32,8 @@ def test_schedules_warm_up_then_decay_to_the_floor():
     assert lr_at(wsd, 50, 100) == 1.0 and lr_at(wsd, 90, 100) == pytest.approx(0.5)
 
 
-def test_checkpoint_save_load_is_bit_exact_and_resume_continues_identically(tmp_path):
-    job = small_job(tmp_path)
+def test_checkpoint_save_load_is_bit_exact_and_resume_continues_identically(tmp_path, small_job):
+    job = small_job()
     straight = Trainer(job)
     losses = [straight.train_step().loss for _ in range(12)]
 
@@ -53,8 +56,8 @@ def test_checkpoint_save_load_is_bit_exact_and_resume_continues_identically(tmp_
         assert torch.equal(a, b)
 
 
-def test_corrupt_or_missing_checkpoint_files_are_named(tmp_path):
-    job = small_job(tmp_path)
+def test_corrupt_or_missing_checkpoint_files_are_named(tmp_path, small_job):
+    job = small_job()
     trainer = Trainer(job)
     ckpt = trainer.save_checkpoint(tmp_path / "ckpt")
     blob = bytearray((ckpt / "model.safetensors").read_bytes())
@@ -69,10 +72,10 @@ def test_corrupt_or_missing_checkpoint_files_are_named(tmp_path):
         trainer.load_checkpoint(tmp_path / "nowhere")
 
 
-def test_training_reduces_eval_loss_and_writes_report(tmp_path):
+def test_training_reduces_eval_loss_and_writes_report(tmp_path, small_job):
     from island.train_cli import run
 
-    job = small_job(tmp_path, "train.steps=40", "train.eval_every=20", "optim.lr=1e-2")
+    job = small_job("train.steps=40", "train.eval_every=20", "optim.lr=1e-2")
     report = run(job, tmp_path / "report")
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     for key in ("params", "tokens", "steps", "initial_eval_loss", "final_eval_loss", "tokens_per_s",
@@ -84,8 +87,8 @@ def test_training_reduces_eval_loss_and_writes_report(tmp_path):
     assert saved["versions"]["torch"] == torch.__version__
 
 
-def test_job_cross_checks_vocab_and_sequence_length(tmp_path):
+def test_job_cross_checks_vocab_and_sequence_length(tmp_path, small_job):
     with pytest.raises(cfglib.ConfigError, match="data.vocab_size"):
-        small_job(tmp_path, "data.vocab_size=512")
+        small_job("data.vocab_size=512")
     with pytest.raises(cfglib.ConfigError, match="train.seq_len"):
-        small_job(tmp_path, "train.seq_len=1024")
+        small_job("train.seq_len=1024")

@@ -25,8 +25,11 @@ SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_k
          "optim.warmup_steps=3"]
 
 
-def sim_config(tmp_path: Path, *extra: str) -> SimConfig:
-    return cfglib.load(SimConfig, "ci", SMALL + [f"data.cache_dir={tmp_path.parent / 'data'}", *extra])
+@pytest.fixture
+def sim_config(data_cache):
+    def make(*extra: str) -> SimConfig:
+        return cfglib.load(SimConfig, "ci", SMALL + [f"data.cache_dir={data_cache}", *extra])
+    return make
 
 
 class CheckedClient(DiLoCoClient):
@@ -41,7 +44,7 @@ class CheckedClient(DiLoCoClient):
         self.sync_moves.append(max(float((self.local[n] - before[n]).abs().max()) for n in before))
 
 
-def test_one_island_h1_lossless_equals_plain_training(tmp_path):
+def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     """Each sync may differ from a no-op only by the fp32 rounding of Δ = θ_b − θ_local (~1e-10 here).
 
     AdamW multiplies a perturbation of a near-zero gradient by up to lr/eps per step, so the
@@ -49,7 +52,7 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path):
     1e-10 roundings into ~1e-6 after 20 steps, which says nothing about the sync itself).
     """
     steps = 20
-    cfg = sim_config(tmp_path, "optim.lr=1e-3", "optim.eps=1e-6", "sim.islands=1", "diloco.inner_steps=1", f"diloco.rounds={steps}",
+    cfg = sim_config("optim.lr=1e-3", "optim.eps=1e-6", "sim.islands=1", "diloco.inner_steps=1", f"diloco.rounds={steps}",
                      "diloco.codec=fp32", "coordinator.broadcast_scheme=fp32", "coordinator.outer_lr=1.0",
                      "coordinator.outer_momentum=0.0", "coordinator.checkpoint_every=0",
                      "diloco.eval_every_rounds=0")
@@ -79,8 +82,8 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path):
     assert worst <= 1e-6, f"DiLoCo with H=1, lr=1, momentum=0, fp32 drifted {worst:.3g} from plain training"
 
 
-def test_broadcast_copy_is_bit_identical_everywhere(tmp_path):
-    cfg = sim_config(tmp_path, "sim.islands=3", "sim.baseline=none", "diloco.inner_steps=4",
+def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config):
+    cfg = sim_config("sim.islands=3", "sim.baseline=none", "diloco.inner_steps=4",
                      "diloco.rounds=3", "diloco.fragments=2", "diloco.eval_every_rounds=0")
     report = simulate(cfg, tmp_path / "sim", "test")
     islands = [json.loads((tmp_path / "sim" / f"island-{i}.json").read_text()) for i in range(3)]
@@ -94,10 +97,10 @@ def test_broadcast_copy_is_bit_identical_everywhere(tmp_path):
 @pytest.mark.parametrize("bad,match", [("sim.islands=0", "sim.islands"),
                                        ("diloco.codec=gzip", "diloco.codec"),
                                        ("diloco.inner_steps=5", "multiple of")])
-def test_sim_config_errors_name_the_field(tmp_path, bad, match):
+def test_sim_config_errors_name_the_field(sim_config, bad, match):
     extra = [bad] + (["diloco.fragments=2"] if "inner_steps" in bad else [])
     with pytest.raises(cfglib.ConfigError, match=match):
-        sim_config(tmp_path, *extra)
+        sim_config(*extra)
 
 
 def test_lossless_codec_pseudo_gradient_round_trip_is_exact():
