@@ -1,14 +1,17 @@
 """The DiLoCo client: one island's outer loop around the untouched inner trainer.
 
-    register; pull θ_b; θ_local = θ_b
+    register; pull θ_b (unless already held bit for bit); θ_local = θ_b
     for each sync point (every H/F inner steps, fragments in turn):
-        inner steps with AdamW on the island's own shard          (Trainer.train_step)
-        Δ_f = θ_b_f − θ_local_f, encoded with error feedback       (DESIGN.md step 4)
-        push Δ_f; wait for the fragment's commit; pull the outer delta(s); θ_b += δ̂
-        θ_local_f ← θ_b_f + (θ_local_f(now) − θ_local_f(t0))        (step 10; no training in between
-                                                                   here, so θ_local_f ← θ_b_f)
+        inner steps with AdamW on the island's own shard            (Trainer.train_step)
+        Δ_f = θ_b_f − θ_local_f(t0), encoded with error feedback     (DESIGN.md step 4)
+        push Δ_f on the pusher thread
+        without overlap: wait for the commit; with overlap: keep training
+        when the outer delta lands (receiver thread): θ_b += δ̂ and
+        θ_local_f ← θ_b_f + (θ_local_f(now) − θ_local_f(t0))           (step 10)
+
 Inner optimizer state never leaves the island (DiLoCo, Douillard et al., arXiv:2311.08105;
-streaming fragments: arXiv:2501.18512).
+streaming fragments and overlap: Douillard et al., arXiv:2501.18512). The training thread is the
+only one that touches the model; the pusher and receiver threads only move bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +48,9 @@ class DiLoCoConfig:
     codec: str = "int8-block"
     rounds: int = 6  # outer rounds each island runs
     eval_every_rounds: int = 1  # island 0 evaluates θ_b after every k-th round; 0: never
+    # Overlap (DESIGN.md step 10): keep training while a sync is in flight and merge the new θ_b
+    # when it arrives; block only when a fragment is due again before its last sync has merged.
+    overlap: bool = False
     chunk_bytes: int = 1 << 20
     max_message_bytes: int = 8 << 20
     reconnect_timeout_s: float = 60.0
@@ -116,6 +123,12 @@ class DiLoCoClient:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.loss_sum = 0.0
         self.loss_count = 0
+        self.outstanding: dict[int, int] = {}  # fragment -> round pushed but not merged yet
+        self.arrivals: queue.Queue[tuple[pb.PayloadHeader, dict[str, torch.Tensor]]] = queue.Queue()
+        self.arrived = threading.Event()
+        self.receiver_error: BaseException | None = None
+        self.pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
+        self.pushes: list[Future] = []
 
     # ---- the outer loop -------------------------------------------------------------------------
 
@@ -133,17 +146,19 @@ class DiLoCoClient:
                     self.sync(fragment)
                 self.stats.rounds += 1
                 self.maybe_evaluate()
+            self.wait_until(lambda: not self.outstanding, "the last syncs to merge")
         finally:
             self.close()
         return self.stats
 
     def inner_steps(self, steps: int) -> None:
-        start = time.perf_counter()
         for _ in range(steps):
+            self.apply_arrivals()  # a sync that landed meanwhile merges before the next step
+            start = time.perf_counter()
             s = self.trainer.train_step()
+            self.stats.compute_s += time.perf_counter() - start
             self.loss_sum += s.loss
             self.loss_count += 1
-        self.stats.compute_s += time.perf_counter() - start
 
     def maybe_evaluate(self) -> None:
         k = self.cfg.eval_every_rounds
@@ -169,8 +184,10 @@ class DiLoCoClient:
     # ---- one sync -------------------------------------------------------------------------------
 
     def sync(self, fragment: int) -> None:
-        """Push fragment's pseudo-gradient, wait for its commit, merge the new θ_b."""
+        """Push the fragment's pseudo-gradient; merge the new θ_b now, or (overlap) when it lands."""
         start = time.perf_counter()
+        # A fragment's next pseudo-gradient needs the θ_b its last sync produced.
+        self.wait_until(lambda: fragment not in self.outstanding, f"fragment {fragment}'s last sync")
         names = self.fragments[fragment]
         with torch.no_grad():
             snapshot = {n: self.local[n].detach().clone() for n in names}
@@ -178,20 +195,45 @@ class DiLoCoClient:
         self.snapshots[fragment] = snapshot
         payload, _ = self.feedback[fragment].encode(delta, self.cfg.codec)
         round_ = self.rounds[fragment]
-        self.push(fragment, round_, payload)
-        self.wait_for_commit(fragment, round_)
+        self.outstanding[fragment] = round_
+        tokens, loss_mean = self.loss_count * self.trainer.tokens_per_step, self.mean_loss()
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.pushes.append(self.pusher.submit(self.push, fragment, round_, self.base_version[fragment],
+                                              payload, tokens, loss_mean))
+        if not self.cfg.overlap:
+            self.wait_until(lambda: fragment not in self.outstanding, f"fragment {fragment} round {round_}")
         self.stats.blocked_s += time.perf_counter() - start
         self.stats.sync_log.append({"fragment": fragment, "round": round_, "version": self.version,
                                     "seconds": time.perf_counter() - start})
 
-    def push(self, fragment: int, round_: int, payload: Payload) -> None:
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.loss_count if self.loss_count else float("nan")
+
+    def wait_until(self, done, what: str) -> None:
+        """Merge arrivals until `done()`; raise what a push or the receiver raised; bounded."""
+        deadline = time.monotonic() + self.cfg.commit_timeout_s
+        while True:
+            self.apply_arrivals()
+            for future in [f for f in self.pushes if f.done()]:
+                self.pushes.remove(future)
+                future.result()  # re-raises a failed push here, on the training thread
+            if self.receiver_error is not None:
+                raise self.receiver_error
+            if done():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"island {self.island_id}: waited {self.cfg.commit_timeout_s}s for {what}")
+            self.arrived.wait(0.5)
+            self.arrived.clear()
+
+    def push(self, fragment: int, round_: int, base_version: int, payload: Payload, tokens: int,
+             loss_mean: float) -> None:
+        """Stream one pseudo-gradient (runs on the pusher thread)."""
         chunks = split_chunks(payload.body, self.cfg.chunk_bytes)
-        loss_mean = self.loss_sum / self.loss_count if self.loss_count else float("nan")
-        tokens = self.loss_count * self.trainer.tokens_per_step
 
         def messages():
             yield pb.PushPart(header=pb.PushHeader(
-                lease=self.lease, fragment=fragment, round=round_, base_version=self.base_version[fragment],
+                lease=self.lease, fragment=fragment, round=round_, base_version=base_version,
                 tokens=tokens, loss_mean=loss_mean, eval_loss=float("nan"), scheme=payload.header["scheme"],
                 codec_header=payload.header_bytes(), body_len=len(payload.body),
                 body_sha256=payload.header["body_sha256"], num_chunks=len(chunks),
@@ -201,47 +243,60 @@ class DiLoCoClient:
 
         reply = self.call(lambda: self.stub.PushPseudoGrad(messages()))
         self.stats.pushes += 1
-        self.loss_sum, self.loss_count = 0.0, 0
         log.info("island %s pushed fragment %d round %d (%s)", self.island_id, fragment, round_, reply.message)
-
-    def wait_for_commit(self, fragment: int, round_: int) -> None:
-        deadline = time.monotonic() + self.cfg.commit_timeout_s
-        while self.rounds[fragment] <= round_:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"island {self.island_id}: no commit of fragment {fragment} round "
-                                   f"{round_} within {self.cfg.commit_timeout_s}s")
-            try:
-                event = self.events.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                continue
-            if event.kind == pb.Event.SHUTDOWN:
-                raise RuntimeError(f"coordinator shut down: {event.message}")
-            if event.kind == pb.Event.COMMITTED and event.version > self.version:
-                self.pull()
 
     # ---- pulls and merges -----------------------------------------------------------------------
 
-    def pull(self, full: bool = False) -> None:
-        """Bring θ_b to the coordinator's version: every delta since ours, or the full copy."""
+    def fetch(self, since: int, full: bool = False) -> list[tuple[pb.PayloadHeader, dict[str, torch.Tensor]]]:
+        """Every delta after version `since` (or the full copy), decoded, in version order."""
         stream = self.call(lambda: list(self.stub.PullParams(
-            pb.PullRequest(lease=self.lease, full=full, since_version=self.version))))
-        header, chunks = None, []
+            pb.PullRequest(lease=self.lease, full=full, since_version=since))))
+        out, header, chunks = [], None, []
         for part in stream + [None]:
             if part is None or part.WhichOneof("part") == "header":
                 if header is not None:
-                    self.apply_payload(header, chunks)
+                    body = join_chunks(chunks, header.body_len, header.body_sha256)
+                    payload = Payload.from_header_bytes(header.codec_header, body)
+                    names = self.names if header.full else self.fragments[header.fragment]
+                    out.append((header, decode(payload, [self.specs[n] for n in names])))
                 if part is not None:
                     header, chunks = part.header, []
             else:
                 chunks.append(Chunk(part.chunk.index, part.chunk.data, part.chunk.crc32))
+        return out
+
+    def _receive(self) -> None:
+        """Receiver thread: on each commit event, fetch the new deltas for the training thread."""
+        fetched = self.version
+        try:
+            while not self._stop.is_set():
+                try:
+                    event = self.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if event.kind == pb.Event.SHUTDOWN:
+                    raise RuntimeError(f"coordinator shut down: {event.message}")
+                if event.kind == pb.Event.COMMITTED and event.version > fetched:
+                    for header, tensors in self.fetch(fetched):
+                        self.arrivals.put((header, tensors))
+                        fetched = header.version
+                    self.arrived.set()
+        except Exception as exc:  # surfaced on the training thread by wait_until
+            if not self._stop.is_set():
+                self.receiver_error = exc
+                self.arrived.set()
+
+    def apply_arrivals(self) -> None:
+        while True:
+            try:
+                header, tensors = self.arrivals.get_nowait()
+            except queue.Empty:
+                return
+            self.apply_payload(header, tensors)
 
     @torch.no_grad()
-    def apply_payload(self, header: pb.PayloadHeader, chunks: list[Chunk]) -> None:
-        body = join_chunks(chunks, header.body_len, header.body_sha256)
-        payload = Payload.from_header_bytes(header.codec_header, body)
+    def apply_payload(self, header: pb.PayloadHeader, tensors: dict[str, torch.Tensor]) -> None:
         if header.full:
-            tensors = decode(payload, [self.specs[n] for n in self.names])
             self.theta_b = {n: tensors[n].clone() for n in self.names}
             for n, t in self.local.items():
                 t.copy_(self.theta_b[n])
@@ -253,7 +308,7 @@ class DiLoCoClient:
             raise RuntimeError(f"delta for version {header.version} cannot follow version {self.version}")
         fragment = header.fragment
         names = self.fragments[fragment]
-        delta = decode(payload, [self.specs[n] for n in names])
+        delta = tensors
         apply_delta(self.theta_b, delta)
         snapshot = self.snapshots.pop(fragment, None)
         for n in names:  # DESIGN.md step 10: keep what was trained since the snapshot
@@ -264,6 +319,7 @@ class DiLoCoClient:
         self.version = header.version
         self.base_version[fragment] = header.version
         self.rounds[fragment] += 1
+        self.outstanding.pop(fragment, None)
 
     # ---- connection -----------------------------------------------------------------------------
 
@@ -280,7 +336,9 @@ class DiLoCoClient:
             self.version = reply.version
             self.base_version = [reply.version] * self.cfg.fragments
         else:
-            self.pull(full=True)
+            for header, tensors in self.fetch(self.version, full=True):
+                self.apply_payload(header, tensors)
+        threading.Thread(target=self._receive, name="receiver", daemon=True).start()
         log.info("island %s registered (epoch %d) at version %d", self.island_id, reply.epoch, self.version)
 
     def start_background(self) -> None:
@@ -324,4 +382,5 @@ class DiLoCoClient:
 
     def close(self) -> None:
         self._stop.set()
+        self.pusher.shutdown(wait=False, cancel_futures=True)
         self.channel.close()

@@ -4,6 +4,7 @@ synchronous data-parallel training on the same model, data and number of tokens.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from archipelago import config as cfglib
@@ -14,7 +15,8 @@ from sim.run import SimConfig, simulate
 
 SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss",
            "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
-           "compute_utilization", "codec", "theta_b_identical", "wall_s")
+           "compute_utilization", "peak_wan_bits_per_s", "fp32_sync_to_compute_ratio", "codec",
+           "theta_b_identical", "wall_s")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="runs/sim", help="folder for report.json, loss.png and logs")
     p.add_argument("--baseline", choices=["ddp", "none"], help="override sim.baseline (default ddp)")
     p.add_argument("--fragments", type=int, help="override diloco.fragments")
+    p.add_argument("--wan", help='every island\'s emulated link, e.g. "100mbit,50ms" or '
+                                 '"20mbit,80ms,5ms,0.1%%" (rate, one-way latency, jitter, loss)')
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted name (repeatable)")
     return p
@@ -35,6 +39,8 @@ def main(argv: list[str]) -> int:
         overrides.append(f"sim.baseline={args.baseline}")
     if args.fragments is not None:
         overrides.append(f"diloco.fragments={args.fragments}")
+    if args.wan is not None:
+        overrides.append(f"sim.wan={json.dumps(args.wan)}")
     cfg = cfglib.load(SimConfig, args.preset, overrides)
     out = Path(args.report)
     console.print(f"[bold]archipelago sim[/] · {args.preset}: {cfg.sim.islands} islands × "
@@ -49,6 +55,12 @@ def main(argv: list[str]) -> int:
                                             [p["loss"] for p in report["baseline_eval_curve"]])
     line_plot(out / "loss.png", series, xlabel="tokens (all islands)", ylabel="eval loss",
               title=f"{cfg.sim.islands} islands, H={cfg.diloco.inner_steps}, {cfg.diloco.codec}")
+    timeline = report.pop("bandwidth_timeline")
+    if timeline:
+        line_plot(out / "bandwidth.png", {"island-0 link (both directions)": (
+            [p["t_s"] for p in timeline], [p["bits_per_s"] / 1e6 for p in timeline])},
+            xlabel="seconds", ylabel="Mbit/s (100 ms bins)", title=f"WAN traffic, {report['wan'][0]}")
+    report["bandwidth_timeline_island0"] = timeline
     write_json(out / "report.json", report)
     console.print(summary_table(f"archipelago sim · {args.preset}",
                                 {k: report[k] for k in SUMMARY if k in report}))

@@ -26,13 +26,13 @@ from archipelago.config import ConfigError
 from coordinator.config import CoordinatorConfig
 from island.data import DataConfig, open_dataset
 from island.diloco import DiLoCoConfig
-from island.model import ModelConfig
+from island.model import ModelConfig, Transformer
 from island.run_cli import IslandJobConfig, write_initial_model
 from island.train import OptimConfig, TrainConfig, Trainer
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
-from sim.wan import LinkProxy
+from sim.wan import LinkProxy, WanSpec
 
 
 @dataclass
@@ -41,6 +41,12 @@ class SimSection:
     baseline: str = "ddp"  # ddp | none
     timeout_s: float = 1800.0
     host: str = "127.0.0.1"
+    wan: str = ""  # every island's emulated link, e.g. "100mbit,50ms"; empty: loopback, unshaped
+    wan_per_island: list[str] = field(default_factory=list)  # overrides `wan` island by island
+
+    def link(self, island: int) -> WanSpec | None:
+        text = self.wan_per_island[island] if island < len(self.wan_per_island) else self.wan
+        return WanSpec.parse(text) if text else None
 
 
 @dataclass
@@ -58,6 +64,8 @@ class SimConfig:
             raise ConfigError(f"sim.islands must be >= 1, got {self.sim.islands}")
         if self.sim.baseline not in ("ddp", "none"):
             raise ConfigError(f"sim.baseline must be ddp or none, got '{self.sim.baseline}'")
+        for i in range(self.sim.islands):
+            self.sim.link(i)  # a malformed link spec fails here, naming it
 
     def island_job(self) -> IslandJobConfig:
         return IslandJobConfig(self.model, self.data, self.optim, self.train, self.diloco)
@@ -132,7 +140,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path) -> dict[str, Any]:
             env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
         address = wait_for_file(coord_dir / "address", coord, 120)
         for i, (island_id, token) in enumerate(tokens.items()):
-            proxy = LinkProxy(address, listen_host=cfg.sim.host).start()
+            proxy = LinkProxy(address, listen_host=cfg.sim.host, wan=cfg.sim.link(i),
+                              seed=cfg.train.seed + i).start()
             proxies.append(proxy)
             group.start(island_id, [
                 "island", "run", "--preset", str(preset_file), "--coordinator", proxy.address,
@@ -179,6 +188,27 @@ def evaluate_global(cfg: SimConfig, coord_dir: Path) -> tuple[float, int, str]:
     return trainer.evaluate(), int(manifest["version"]), digest(files["theta_b.safetensors"])
 
 
+def fp32_sync_ratio(cfg: SimConfig, islands: list[dict[str, Any]]) -> float | None:
+    """Seconds to send the fp32 model once over the slowest emulated link, over the measured
+    compute seconds of one round of H inner steps (None on an unshaped link)."""
+    links = [cfg.sim.link(i) for i in range(cfg.sim.islands)]
+    if any(link is None for link in links):
+        return None
+    slowest = min(links, key=lambda link: link.rate_bps)
+    send_s = synced_numel(cfg.model) * 4 * 8 / slowest.rate_bps + slowest.latency_s
+    compute_per_round = sum(i["compute_s"] / i["rounds"] for i in islands) / len(islands)
+    return send_s / compute_per_round
+
+
+def synced_numel(model_cfg: ModelConfig) -> int:
+    """Elements DiLoCo syncs: parameters (tied ones once) and persistent floating buffers."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    persistent = set(model.state_dict())
+    return (sum(p.numel() for p in model.parameters()) +
+            sum(b.numel() for n, b in model.named_buffers() if n in persistent and b.is_floating_point()))
+
+
 def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)  # prepare once, before any process needs it
@@ -205,6 +235,10 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         # every island and the coordinator hold the same broadcast copy, bit for bit
         "theta_b_identical": island_digests == {coordinator_theta_b},
         "theta_b_sha256": coordinator_theta_b,
+        "wan": [cfg.sim.link(i).describe() if cfg.sim.link(i) else "loopback (unshaped)" for i in range(n)],
+        "fp32_sync_to_compute_ratio": fp32_sync_ratio(cfg, result["islands"]),
+        "bandwidth_timeline": [{"t_s": t / 10, "bits_per_s": b * 80} for link in result["links"][:1]
+                               for t, b in sorted(link.timeline.items())],
         "diloco_eval_curve": [{"tokens": p["round"] * h * n * tokens_per_step, "loss": p["loss"],
                                "version": p["version"]} for p in result["islands"][0]["eval_curve"]],
     }

@@ -1,16 +1,66 @@
-"""An island's link to the coordinator, as a TCP proxy on loopback that counts real bytes.
+"""An island's link to the coordinator, as a TCP proxy on loopback that counts and shapes real bytes.
 
 Every byte of the real gRPC connection (HTTP/2 framing included) passes through the proxy, so
 the counts are what would cross the WAN. A timeline of bytes per 100 ms is kept for plots and
-peak rates.
+peak rates. With a `WanSpec` each direction is shaped like a WAN link: a token bucket at the link
+rate, a one-way latency with jitter (delivery stays in order, as TCP's does), and loss, which a
+TCP stream shows the application as a retransmission delay on the affected segment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+
+from archipelago.config import ConfigError
+
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+@dataclass(frozen=True)
+class WanSpec:
+    """One link: rate in bits/s, one-way latency and jitter in seconds, segment loss probability."""
+
+    rate_bps: float
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    loss: float = 0.0
+    rto_s: float = 0.2  # what a lost segment costs: a retransmission timeout
+
+    @classmethod
+    def parse(cls, text: str) -> WanSpec:
+        """`"100mbit,50ms"`, `"20mbit,80ms,5ms"`, `"1gbit,30ms,2ms,0.1%"`."""
+        parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+        if not 1 <= len(parts) <= 4:
+            raise ConfigError(f"--wan '{text}': expected RATE[,LATENCY[,JITTER[,LOSS%]]], e.g. 100mbit,50ms")
+        m = re.fullmatch(r"([0-9.]+)\s*(bit|kbit|mbit|gbit)", parts[0])
+        if not m:
+            raise ConfigError(f"--wan '{text}': rate '{parts[0]}' must look like 100mbit (bit/kbit/mbit/gbit)")
+        rate = float(m.group(1)) * _RATE_UNITS[m.group(2)]
+        times = [_seconds(p, text) for p in parts[1:3]]
+        loss = 0.0
+        if len(parts) == 4:
+            if not parts[3].endswith("%"):
+                raise ConfigError(f"--wan '{text}': loss '{parts[3]}' must be a percentage like 0.1%")
+            loss = float(parts[3][:-1]) / 100
+        if rate <= 0 or not 0 <= loss < 1:
+            raise ConfigError(f"--wan '{text}': rate must be positive and loss in [0, 100%)")
+        return cls(rate, *(times + [0.0, 0.0])[:2], loss=loss)
+
+    def describe(self) -> str:
+        return (f"{self.rate_bps / 1e6:g}mbit, {self.latency_s * 1e3:g}ms ± {self.jitter_s * 1e3:g}ms, "
+                f"loss {self.loss * 100:g}%")
+
+
+def _seconds(text: str, spec: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)\s*(us|ms|s)", text)
+    if not m:
+        raise ConfigError(f"--wan '{spec}': time '{text}' must look like 50ms")
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
 
 
 @dataclass
@@ -48,10 +98,13 @@ class LinkStats:
 class LinkProxy:
     """Listens on `listen_host:0`, forwards every connection to `target`, counts bytes."""
 
-    def __init__(self, target: str, listen_host: str = "127.0.0.1") -> None:
+    def __init__(self, target: str, listen_host: str = "127.0.0.1", wan: WanSpec | None = None,
+                 seed: int = 0) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.listen_host = listen_host
+        self.wan = wan
+        self.rng = random.Random(seed)
         self.stats = LinkStats()
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +127,7 @@ class LinkProxy:
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(self._serve())
         self._loop.run_forever()
+        self._loop.close()
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
@@ -90,20 +144,64 @@ class LinkProxy:
                              return_exceptions=True)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        if self.wan is None:
+            try:
+                while data := await reader.read(1 << 16):
+                    self.stats.add(len(data), up, self._t0)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+            return
+        # Shaped: the reader stamps each segment with its delivery time; the writer delivers in order.
+        # The bounded queue is the link's buffer: a full one stops reading (TCP back-pressure).
+        segment = max(1500, int(self.wan.rate_bps / 8 / 100))  # ~10 ms of link time per segment
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=64)
+        deliver = asyncio.create_task(self._deliver(queue, writer, up))
+        free_at = last = 0.0
         try:
-            while data := await reader.read(1 << 16):
-                self.stats.add(len(data), up, self._t0)
+            while data := await reader.read(segment):
+                now = time.monotonic()
+                free_at = max(now, free_at) + len(data) * 8 / self.wan.rate_bps
+                at = free_at + self.wan.latency_s + self.rng.uniform(0, self.wan.jitter_s)
+                if self.wan.loss and self.rng.random() < self.wan.loss:
+                    at += self.wan.rto_s
+                last = max(last, at)
+                await queue.put((last, data))
+        finally:
+            await queue.put(None)
+            await deliver
+
+    async def _deliver(self, queue: asyncio.Queue, writer: asyncio.StreamWriter, up: bool) -> None:
+        broken = False  # after a write error keep draining, so the reader never blocks on a full queue
+        while (item := await queue.get()) is not None:
+            if broken:
+                continue
+            at, data = item
+            delay = at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.stats.add(len(data), up, self._t0)
+            try:
                 writer.write(data)
                 await writer.drain()
-        finally:
-            writer.close()
+            except (ConnectionError, OSError):
+                broken = True
+        writer.close()
 
     def stop(self) -> None:
-        if self._loop is None:
+        """Close the listener, cancel every connection's tasks, stop and close the loop."""
+        if self._loop is None or not self._thread.is_alive():
             return
-        def shutdown() -> None:
+
+        async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._loop.stop()
-        self._loop.call_soon_threadsafe(shutdown)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(timeout=5)

@@ -82,9 +82,11 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     assert worst <= 1e-6, f"DiLoCo with H=1, lr=1, momentum=0, fp32 drifted {worst:.3g} from plain training"
 
 
-def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config, overlap):
     cfg = sim_config("sim.islands=3", "sim.baseline=none", "diloco.inner_steps=4",
-                     "diloco.rounds=3", "diloco.fragments=2", "diloco.eval_every_rounds=0")
+                     "diloco.rounds=3", "diloco.fragments=2", "diloco.eval_every_rounds=0",
+                     f"diloco.overlap={str(overlap).lower()}")
     report = simulate(cfg, tmp_path / "sim", "test")
     islands = [json.loads((tmp_path / "sim" / f"island-{i}.json").read_text()) for i in range(3)]
     assert report["final_version"] == 3 * 2, "3 rounds of 2 fragments must commit 6 versions"

@@ -1,0 +1,87 @@
+"""The emulated WAN link: real TCP bytes through the proxy, counted, rate-limited and delayed."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from archipelago.config import ConfigError
+from sim.wan import LinkProxy, WanSpec
+
+
+def echo_server() -> tuple[socket.socket, int]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def round_trip(proxy: LinkProxy, payload: bytes) -> float:
+    host, port = proxy.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        start = time.monotonic()
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += sock.recv(1 << 16)
+        elapsed = time.monotonic() - start
+    assert got == payload
+    return elapsed
+
+
+def test_plain_link_counts_bytes_both_ways():
+    srv, port = echo_server()
+    proxy = LinkProxy(f"127.0.0.1:{port}").start()
+    try:
+        round_trip(proxy, b"x" * 100_000)
+    finally:
+        proxy.stop()
+        srv.close()
+    assert proxy.stats.bytes_up == 100_000 and proxy.stats.bytes_down == 100_000
+    assert proxy.stats.peak_bits_per_s() >= 100_000 * 8
+
+
+def test_shaped_link_enforces_rate_and_latency():
+    srv, port = echo_server()
+    spec = WanSpec.parse("8mbit,50ms")
+    proxy = LinkProxy(f"127.0.0.1:{port}", wan=spec).start()
+    try:
+        small = round_trip(proxy, b"p")
+        big = round_trip(proxy, b"y" * 500_000)  # 4 Mbit each way at 8 Mbit/s: ≥ 0.5 s
+    finally:
+        proxy.stop()
+        srv.close()
+    assert small >= 2 * 0.05, "a round trip crosses the one-way latency twice"
+    assert big >= 0.5 + 0.1
+    assert proxy.stats.peak_bits_per_s() <= 2 * 8e6 * 1.2, "both directions together stay near 2× the rate"
+
+
+@pytest.mark.parametrize("text,rate,latency", [("100mbit,50ms", 100e6, 0.05), ("1gbit", 1e9, 0.0),
+                                               ("20mbit,80ms,5ms,0.1%", 20e6, 0.08)])
+def test_wan_spec_parses(text, rate, latency):
+    spec = WanSpec.parse(text)
+    assert spec.rate_bps == rate and spec.latency_s == pytest.approx(latency)
+
+
+@pytest.mark.parametrize("text", ["fast", "100mbit,50", "100mbit,50ms,1ms,5", "0mbit"])
+def test_bad_wan_spec_is_a_clear_error(text):
+    with pytest.raises(ConfigError, match="--wan"):
+        WanSpec.parse(text)
