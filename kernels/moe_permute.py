@@ -5,8 +5,9 @@ does), so expert e's inputs are rows ``offsets[e]:offsets[e+1]`` of ``permute(x)
 matmul (or one call per expert) reads them contiguously. `unpermute` is the weighted scatter back.
 
 The Triton unpermute is a *gather* per token (out[n] = Σ_j w[n,j] · y[row_of_slot[n,j]]) instead
-of index_add's scatter: no atomics, deterministic, and for k ≤ 2 bit-identical to the index_add
-reference (fp32 addition of two terms commutes). Both directions are differentiable: the
+of index_add's scatter: no atomics, deterministic, and in fp32 with k ≤ 2 bit-identical to the
+index_add reference (a sum of two terms commutes). It accumulates in fp32 and rounds once, where
+the bf16 twin rounds the product and every partial sum. Both directions are differentiable: the
 backward of a gather is the matching weighted gather the other way.
 """
 
@@ -68,9 +69,9 @@ if triton is not None:
         mask = rmask[:, None] & (cols < D)[None, :]
         src = tl.load(index_ptr + rows, mask=rmask, other=0)
         v = tl.load(src_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        if HAS_SCALE:
-            v = v * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None].to(v.dtype)
-        tl.store(out_ptr + rows[:, None] * D + cols[None, :], v, mask=mask)
+        if HAS_SCALE:  # in fp32, one rounding to the output dtype
+            v = v.to(tl.float32) * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _combine_kernel(y_ptr, row_of_slot_ptr, w_ptr, out_ptr, N, D, K: tl.constexpr,
@@ -80,14 +81,14 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         tmask = tok < N
         mask = tmask[:, None] & (cols < D)[None, :]
-        acc = tl.zeros([ROWS, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)  # fp32; one rounding to y's dtype at the end
         for j in tl.static_range(K):
             r = tl.load(row_of_slot_ptr + tok * K + j, mask=tmask, other=0)
-            v = tl.load(y_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0)
+            v = tl.load(y_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_W:
-                v = v * tl.load(w_ptr + tok * K + j, mask=tmask, other=0.0)[:, None].to(v.dtype)
+                v = v * tl.load(w_ptr + tok * K + j, mask=tmask, other=0.0)[:, None]
             acc += v
-        tl.store(out_ptr + tok[:, None] * D + cols[None, :], acc, mask=mask)
+        tl.store(out_ptr + tok[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tiles(d: int) -> tuple[int, int]:

@@ -4,9 +4,9 @@ momentum and the parameter update (DESIGN.md step 7; `coordinator/params.py` is 
     g = Σ_i (w_i / Σw) Δ_i;   m ← μ m + g;   u = g + μ m (Nesterov) or m;   θ ← θ − lr · u
 
 DiLoCo's outer optimizer is SGD with Nesterov momentum (Douillard et al., arXiv:2311.08105).
-Unfused, ``ParamState.aggregate`` + ``outer_step`` read and write g K + 4 times and m three
-times; fused, each of θ, m and the K deltas is read once and θ, m written once, which is the
-floor for this update (memory-bound: ~(K + 4)·4 bytes per parameter).
+Unfused, ``ParamState.aggregate`` + ``outer_step`` are K + 5 elementwise passes, each reading and
+writing a full fp32 tensor; fused, the K deltas, θ and m are read once and θ, m written once:
+(K + 4)·4 bytes per parameter, the floor for this memory-bound update.
 """
 
 from __future__ import annotations

