@@ -11,23 +11,16 @@ from pathlib import Path
 from archipelago import config as cfglib
 from archipelago.checkpoint import write_checkpoint
 from archipelago.runinfo import run_metadata, write_json
-from island.data import DataConfig
 from island.diloco import DiLoCoClient, DiLoCoConfig, run_config_hash, synced_tensors
-from island.model import ModelConfig
-from island.train import OptimConfig, TrainConfig, Trainer, TrainJobConfig
+from island.train import Trainer, TrainJobConfig
 from protos.broadcast import digest
 
 
 @dataclass
-class IslandJobConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+class IslandJobConfig(TrainJobConfig):
+    """A local training job plus the `[diloco]` table: what one island process runs."""
 
-    def train_job(self) -> TrainJobConfig:
-        return TrainJobConfig(self.model, self.data, self.optim, self.train)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
 
     @property
     def total_inner_steps(self) -> int:
@@ -86,7 +79,7 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.island_index < args.num_islands:
         raise cfglib.ConfigError(f"--island-index {args.island_index} must be in [0, {args.num_islands})")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
-    trainer = Trainer(job.train_job(), island_id=args.island_index, num_islands=args.num_islands,
+    trainer = Trainer(job, island_id=args.island_index, num_islands=args.num_islands,
                       total_steps=job.total_inner_steps)
     client = DiLoCoClient(job.diloco, trainer, args.coordinator, args.island_id, args.token)
     stats = client.run()

@@ -27,7 +27,7 @@ from protos.quant import SCHEMES
 
 
 def pseudo_gradient(job: IslandJobConfig, steps: int) -> dict[str, torch.Tensor]:
-    trainer = Trainer(job.train_job(), total_steps=max(steps, job.total_inner_steps))
+    trainer = Trainer(job, total_steps=max(steps, job.total_inner_steps))
     start = {n: t.detach().clone() for n, t in synced_tensors(trainer).items()}
     for _ in range(steps):
         trainer.train_step()

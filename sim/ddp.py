@@ -93,7 +93,9 @@ def run_ddp(job: TrainJobConfig, num_workers: int, steps: int, out_dir: Path, ev
     out_dir.mkdir(parents=True, exist_ok=True)
     prepare(job.data)  # once here, so the workers only open the cached dataset
     port = master_port or free_port(master_addr)
-    spec = {"job": dataclasses.asdict(job), "world_size": num_workers, "steps": steps,
+    # Only the local-training tables: a subclass (an island or sim job) carries more.
+    spec = {"job": {f.name: dataclasses.asdict(getattr(job, f.name))
+                    for f in dataclasses.fields(TrainJobConfig)}, "world_size": num_workers, "steps": steps,
             "eval_every": eval_every, "init_method": f"tcp://{master_addr}:{port}",
             "timeout_s": timeout_s, "out_dir": str(out_dir.resolve())}
     spec_path = write_json(out_dir / "ddp_spec.json", spec)

@@ -24,11 +24,10 @@ from archipelago import config as cfglib
 from archipelago.checkpoint import read_checkpoint
 from archipelago.config import ConfigError
 from coordinator.config import CoordinatorConfig
-from island.data import DataConfig, open_dataset
-from island.diloco import DiLoCoConfig
+from island.data import open_dataset
 from island.model import ModelConfig, Transformer
 from island.run_cli import IslandJobConfig, write_initial_model
-from island.train import OptimConfig, TrainConfig, Trainer
+from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
@@ -50,25 +49,20 @@ class SimSection:
 
 
 @dataclass
-class SimConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+class SimConfig(IslandJobConfig):
+    """An island job plus the `[coordinator]` and `[sim]` tables: the whole simulated run."""
+
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     sim: SimSection = field(default_factory=SimSection)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.sim.islands < 1:
             raise ConfigError(f"sim.islands must be >= 1, got {self.sim.islands}")
         if self.sim.baseline not in ("ddp", "none"):
             raise ConfigError(f"sim.baseline must be ddp or none, got '{self.sim.baseline}'")
         for i in range(self.sim.islands):
             self.sim.link(i)  # a malformed link spec fails here, naming it
-
-    def island_job(self) -> IslandJobConfig:
-        return IslandJobConfig(self.model, self.data, self.optim, self.train, self.diloco)
 
 
 class ProcessGroup:
@@ -122,7 +116,7 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path) -> dict[str, Any]:
     if coord_dir.exists():
         shutil.rmtree(coord_dir)
     coord_dir.mkdir(parents=True)
-    write_initial_model(cfg.island_job(), coord_dir / "init")
+    write_initial_model(cfg, coord_dir / "init")
     tokens = {f"island-{i}": secrets.token_hex(16) for i in range(n)}
     (coord_dir / "islands.json").write_text(json.dumps(tokens))
     os.chmod(coord_dir / "islands.json", 0o600)
@@ -181,7 +175,7 @@ def evaluate_global(cfg: SimConfig, coord_dir: Path) -> tuple[float, int, str]:
     """Eval loss of θ_g from the coordinator's newest checkpoint, its version, and θ_b's digest."""
     newest = sorted((coord_dir / "checkpoints").glob("v*"))[-1]
     files, manifest = read_checkpoint(newest)
-    trainer = Trainer(cfg.island_job().train_job())
+    trainer = Trainer(cfg)
     tensors = dict(trainer.model.named_parameters()) | dict(trainer.model.named_buffers())
     for name, value in files["theta_g.safetensors"].items():
         tensors[name].copy_(value)
@@ -245,7 +239,7 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
     if cfg.sim.baseline == "ddp":
         from sim.ddp import run_ddp
 
-        ddp = run_ddp(cfg.island_job().train_job(), n, steps, out / "ddp", eval_every=h,
+        ddp = run_ddp(cfg, n, steps, out / "ddp", eval_every=h,
                       timeout_s=cfg.sim.timeout_s)
         report.update({
             "baseline_eval_loss": ddp["final_eval_loss"],

@@ -58,19 +58,19 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     preset = tmp_path / "run.toml"
     preset.write_text(cfglib.dump_toml(asdict(cfg)))
     state = tmp_path / "coordinator"
-    write_initial_model(cfg.island_job(), state / "init")
+    write_initial_model(cfg, state / "init")
     group = ProcessGroup(tmp_path)
     try:
         coord = group.start("coordinator", ["coordinator", "serve", "--preset", str(preset), "--init",
                                             str(state / "init"), "--state-dir", str(state), "--port", "0"])
         address = wait_for_file(state / "address", coord, 60)
-        island = Trainer(cfg.island_job().train_job(), total_steps=steps)
+        island = Trainer(cfg, total_steps=steps)
         client = CheckedClient(cfg.diloco, island, address, "island-0")
         client.run()
     finally:
         group.kill_all()
 
-    plain = Trainer(cfg.island_job().train_job(), total_steps=steps)
+    plain = Trainer(cfg, total_steps=steps)
     for _ in range(steps):
         plain.train_step()
     assert len(client.sync_moves) == steps and max(client.sync_moves) < 1e-8, client.sync_moves
@@ -97,7 +97,8 @@ def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config, overla
 
 @pytest.mark.parametrize("bad,match", [("sim.islands=0", "sim.islands"),
                                        ("diloco.codec=gzip", "diloco.codec"),
-                                       ("diloco.inner_steps=5", "multiple of")])
+                                       ("diloco.inner_steps=5", "multiple of"),
+                                       ("data.vocab_size=512", "data.vocab_size")])
 def test_sim_config_errors_name_the_field(sim_config, bad, match):
     extra = [bad] + (["diloco.fragments=2"] if "inner_steps" in bad else [])
     with pytest.raises(cfglib.ConfigError, match=match):
