@@ -46,6 +46,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
         # Set by expert parallel (island/parallelize.py): computes the routed experts' output.
         self.expert_dispatch = None
+        # Set by data or expert parallel: sums a load vector over the ranks whose batches make up
+        # the step, so every rank moves the bias by the same, global counts.
+        self.load_all_reduce = None
 
     def route(self, x: torch.Tensor) -> Routing:
         """x: [N, dim] -> Routing."""
@@ -98,9 +101,12 @@ class MoE(nn.Module):
     def update_bias(self, load: torch.Tensor | None = None) -> None:
         """Move the selection bias toward balance and reset the load counter.
 
-        `load` overrides the locally counted load (expert parallel passes the group's total).
+        `load` overrides the counted load: this rank's count, or the sum over the data-parallel
+        ranks when `load_all_reduce` is set.
         """
-        load = self.expert_load if load is None else load
+        if load is None:
+            load = (self.expert_load if self.load_all_reduce is None
+                    else self.load_all_reduce(self.expert_load.clone()))
         if load.sum() > 0:
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.expert_load.zero_()

@@ -63,11 +63,29 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The ranks that train one replica together (tier 1), as `island/parallelize.py` spreads it.
+
+    With `num_ranks` > 1 the trainer joins the process group its launcher initialised (of exactly
+    that size), shards the model with FSDP2 over it, and splits MoE experts over it when
+    `expert_parallel` is set. Each rank takes its `batch_size / num_ranks` rows of every batch.
+    """
+
+    num_ranks: int = 1
+    expert_parallel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_ranks < 1:
+            raise ConfigError(f"parallel.num_ranks must be >= 1, got {self.num_ranks}")
+
+
+@dataclass
 class TrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.data.vocab_size != self.model.vocab_size:
@@ -76,6 +94,13 @@ class TrainJobConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")
+        ranks = self.parallel.num_ranks
+        if self.train.batch_size % ranks:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                              f"parallel.num_ranks ({ranks})")
+        if ranks > 1 and self.parallel.expert_parallel and self.model.num_experts % ranks:
+            raise ConfigError(f"model.num_experts ({self.model.num_experts}) must be divisible by "
+                              f"parallel.num_ranks ({ranks}) for expert parallel")
 
 
 def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
@@ -125,7 +150,13 @@ class StepStats:
 
 
 class Trainer:
-    """One model, its AdamW, its data shard and eval set; `train_step` is the inner step."""
+    """One model, its AdamW, its data shard and eval set; `train_step` is the inner step.
+
+    With `parallel.num_ranks` > 1 every rank of the group constructs a Trainer and calls the same
+    methods in the same order: the model is sharded (island/parallelize.py), each rank takes its
+    rows of the batch, reported losses are the group's, and `full_model_state()` gathers the
+    model. Checkpoints of a sharded trainer are not written or read here.
+    """
 
     def __init__(self, job: TrainJobConfig, island_id: int = 0, num_islands: int = 1,
                  total_steps: int | None = None, model: Transformer | None = None) -> None:
@@ -136,6 +167,16 @@ class Trainer:
         self.device = pick_device(tc.device)
         self.total_steps = total_steps or tc.steps
         self.model = (model or build_model(job.model, seed=tc.seed)).to(self.device)
+        self.mesh = None
+        self.rows = slice(None)  # this rank's rows of every batch
+        if job.parallel.num_ranks > 1:
+            from island.parallelize import parallelize  # torch.distributed only when needed
+
+            self._tensor_names = list(model_tensors(self.model))
+            self.mesh = parallelize(self.model, job.parallel.num_ranks, job.parallel.expert_parallel)
+            share = tc.batch_size // job.parallel.num_ranks
+            rank = self.mesh.get_local_rank()
+            self.rows = slice(rank * share, (rank + 1) * share)
         self.optimizer = build_optimizer(self.model, job.optim)
         self.dataset = open_dataset(job.data)
         self.loader = TokenLoader(self.dataset.train, tc.seq_len, tc.batch_size, island_id=island_id,
@@ -149,17 +190,30 @@ class Trainer:
     def forward_backward(self) -> float:
         """Loss and gradients of the next batch; returns the loss."""
         x, y = self.loader.next_batch()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x[self.rows].to(self.device), y[self.rows].to(self.device)
         with self.autocast:
             loss = self.model.loss(x, y)
         loss.backward()
-        return float(loss.detach())
+        return self.group_mean(float(loss.detach()))
+
+    def group_mean(self, value: float) -> float:
+        """`value` averaged over the ranks of a parallel trainer (equal rows each); else itself."""
+        if self.mesh is None:
+            return value
+        total = torch.tensor(value, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total, group=self.mesh.get_group())
+        return float(total) / self.mesh.size()
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, set the scheduled lr, step AdamW, update MoE balancing; (grad_norm, lr)."""
         clip = self.job.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   clip if clip > 0 else float("inf"))
+        if self.mesh is not None:
+            from island.parallelize import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model, clip if clip > 0 else float("inf"))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       clip if clip > 0 else float("inf"))
         lr = lr_at(self.job.optim, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -182,13 +236,27 @@ class Trainer:
         losses = []
         for x, y in self.eval_set:
             with self.autocast:
-                losses.append(float(self.model.loss(x.to(self.device), y.to(self.device))))
+                losses.append(float(self.model.loss(x[self.rows].to(self.device),
+                                                    y[self.rows].to(self.device))))
         self.model.train()
-        return sum(losses) / len(losses)
+        return self.group_mean(sum(losses) / len(losses))
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors as `model_tensors` names them; every rank of a parallel
+        trainer must call it (it gathers), and each gets the full state on CPU."""
+        if self.mesh is None:
+            return model_tensors(self.model)
+        from island.parallelize import full_state_dict
+
+        state = full_state_dict(self.model)
+        return {name: state[name] for name in self._tensor_names}
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def checkpoint_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.mesh is not None:
+            raise CheckpointError("checkpoints of a trainer sharded over several ranks are not "
+                                  "supported; gather the model with full_model_state()")
         return {"model.safetensors": model_tensors(self.model),
                 "optimizer.safetensors": optimizer_tensors(self.optimizer)}
 
@@ -201,6 +269,9 @@ class Trainer:
         return write_checkpoint(path, self.checkpoint_files(), meta)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        if self.mesh is not None:
+            raise CheckpointError("checkpoints of a trainer sharded over several ranks are not "
+                                  "supported")
         files, manifest = read_checkpoint(path)
         for name in ("model.safetensors", "optimizer.safetensors"):
             if name not in files:
