@@ -1,4 +1,5 @@
-"""`archipelago coordinator serve|status`: run the coordinator service, or ask it how it is doing."""
+"""`archipelago coordinator serve|status|certs`: run the coordinator service, ask it how it is doing,
+or make a run's certificates for mutual TLS."""
 
 from __future__ import annotations
 
@@ -31,11 +32,24 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override coordinator.host")
     serve.add_argument("--port", type=int, help="override coordinator.port")
     serve.add_argument("--state-dir", help="override coordinator.state_dir")
+    for flag in ("cert", "key", "ca"):
+        serve.add_argument(f"--tls-{flag}", help=f"override coordinator.tls_{flag} (PEM file)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve without TLS on a non-loopback address (coordinator.insecure = true)")
     status = sub.add_parser("status", help="print the coordinator's status")
     status.add_argument("--address", required=True, help="HOST:PORT")
     status.add_argument("--credential", default=os.environ.get("ARCHIPELAGO_ADMIN_CREDENTIAL", ""),
                         help="admin credential (default: $ARCHIPELAGO_ADMIN_CREDENTIAL)")
+    status.add_argument("--tls-ca", default="", help="CA certificate that signed the coordinator's (PEM)")
+    status.add_argument("--tls-cert", default="", help="client certificate, for a coordinator with mutual TLS")
+    status.add_argument("--tls-key", default="", help="the client certificate's key")
     status.add_argument("--json", action="store_true", help="print the raw JSON status")
+    certs = sub.add_parser("certs", help="make a CA, a server certificate and client certificates (mTLS)")
+    certs.add_argument("--out", required=True, help="folder for the PEM files (an existing CA there is reused)")
+    certs.add_argument("--hosts", default="127.0.0.1,localhost",
+                       help="comma-separated names and addresses islands use to reach the coordinator")
+    certs.add_argument("--islands", default="3", help="a number N (island-0 ... island-N-1) or comma-separated ids")
+    certs.add_argument("--days", type=int, default=365, help="validity of every certificate")
     return p
 
 
@@ -43,9 +57,11 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.action == "serve":
         overrides = list(args.overrides)
-        for flag, key in (("host", "host"), ("port", "port"), ("state_dir", "state_dir")):
-            if getattr(args, flag) is not None:
-                overrides.append(f"coordinator.{key}={json.dumps(getattr(args, flag))}")
+        for key in ("host", "port", "state_dir", "tls_cert", "tls_key", "tls_ca"):
+            if getattr(args, key) is not None:
+                overrides.append(f"coordinator.{key}={json.dumps(getattr(args, key))}")
+        if args.insecure:
+            overrides.append("coordinator.insecure=true")
         cfg = cfglib.load(CoordinatorJob, args.preset, overrides).coordinator
         if not cfg.admin_credential and os.environ.get("ARCHIPELAGO_ADMIN_CREDENTIAL"):
             cfg.admin_credential = os.environ["ARCHIPELAGO_ADMIN_CREDENTIAL"]
@@ -57,14 +73,17 @@ def main(argv: list[str]) -> int:
 
         asyncio.run(serve(cfg, init))
         return 0
+    if args.action == "certs":
+        return certs(args)
     return status(args)
 
 
 def status(args) -> int:
     from protos import archipelago_pb2 as pb
     from protos import archipelago_pb2_grpc as pb_grpc
+    from protos.transport import open_channel
 
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args.address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
         try:
             reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=args.credential), timeout=10)
         except grpc.RpcError as exc:
@@ -83,4 +102,24 @@ def status(args) -> int:
         table.add_row(i.island_id, str(i.epoch), i.state, f"{i.last_seen_s:.1f}", str(i.pushes),
                       f"{i.bytes_in:,}", f"{i.bytes_out:,}")
     console.print(table)
+    return 0
+
+
+def certs(args) -> int:
+    try:
+        from coordinator.certs import island_names, make_certs
+    except ImportError as exc:
+        raise cfglib.ConfigError(f"archipelago coordinator certs needs the 'cryptography' package ({exc})") from exc
+    from rich.table import Table
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    issued = make_certs(args.out, hosts, island_names(args.islands), args.days)
+    table = Table("role", "name", "certificate", "key (0600)", title=f"certificates in {args.out}")
+    for i in issued:
+        table.add_row(i.role, i.name, i.cert.name, i.key.name)
+    console.print(table)
+    if not any(i.role == "ca" for i in issued):
+        console.print(f"reused the CA in {args.out}")
+    console.print("coordinator: --tls-cert server.crt --tls-key server.key --tls-ca ca.crt; island: "
+                  "--set diloco.tls_ca=ca.crt --set diloco.tls_cert=ISLAND.crt --set diloco.tls_key=ISLAND.key")
     return 0

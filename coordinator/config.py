@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from archipelago.config import ConfigError
 
+AGGREGATIONS = ("mean", "trimmed_mean")
+
 
 @dataclass
 class CoordinatorConfig:
@@ -13,6 +15,14 @@ class CoordinatorConfig:
     port: int = 50051  # 0: pick a free port (written to state_dir/address)
     state_dir: str = "runs/coordinator"
     metrics_port: int = 0  # Prometheus endpoint; 0 disables it
+    # Transport security: PEM files (`archipelago coordinator certs` writes a set). With a cert and
+    # key the server speaks TLS; with a CA as well every client must present a certificate it
+    # signed (mutual TLS). Without them the server is plaintext, which a non-loopback host allows
+    # only with insecure = true; either way it logs a warning.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False
     # Membership
     lease_ttl_s: float = 10.0
     islands_file: str = ""  # JSON {island_id: token}; empty: open registration (local runs only)
@@ -33,6 +43,15 @@ class CoordinatorConfig:
     max_message_bytes: int = 8 << 20
     max_payload_bytes: int = 4 << 30
     max_update_norm: float = 0.0  # 0: no bound on a pushed pseudo-gradient's norm
+    # Robust aggregation (coordinator/aggregate.py). Both off by default: the weighted mean.
+    # clip_update_norm = c > 0 scales each contribution down to norm at most c × the median of the
+    # fragment's recent update norms (the last `clip_window` accepted ones, this round's included).
+    clip_update_norm: float = 0.0
+    clip_window: int = 64
+    # "trimmed_mean": per coordinate, drop the floor(trim_fraction × n) smallest and largest values
+    # and take the weighted mean of the rest; used when a round has >= 4 contributions.
+    aggregation: str = "mean"
+    trim_fraction: float = 0.25
     # Persistence
     checkpoint_every: int = 1  # versions between global checkpoints
     keep_checkpoints: int = 3
@@ -48,3 +67,19 @@ class CoordinatorConfig:
                               f"(chunk_bytes={self.chunk_bytes}, max_message_bytes={self.max_message_bytes})")
         if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
             raise ConfigError("coordinator.outer_lr must be > 0 and outer_momentum in [0, 1)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("coordinator.tls_cert and coordinator.tls_key go together: give both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("coordinator.tls_ca needs coordinator.tls_cert and tls_key (the server's own "
+                              "certificate) as well")
+        if self.insecure and self.tls_cert:
+            raise ConfigError("coordinator.insecure contradicts coordinator.tls_cert: serve with TLS or "
+                              "without it, not both")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"coordinator.aggregation must be one of {list(AGGREGATIONS)}, "
+                              f"got {self.aggregation!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"coordinator.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_update_norm < 0 or self.clip_window < 1:
+            raise ConfigError("coordinator.clip_update_norm must be >= 0 (0: off) and clip_window >= 1, got "
+                              f"{self.clip_update_norm} and {self.clip_window}")

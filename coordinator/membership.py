@@ -19,6 +19,8 @@ from coordinator.store import StateStore
 
 log = logging.getLogger(__name__)
 
+MAX_ISLAND_ID_CHARS = 128
+
 
 def same_secret(expected: str, given: str) -> bool:
     """Constant-time comparison that accepts any Unicode (compare_digest refuses non-ASCII str)."""
@@ -75,6 +77,9 @@ class Membership:
     def authenticate(self, island_id: str, token: str) -> None:
         if not island_id:
             raise LeaseError("INVALID_ARGUMENT", "island_id is empty")
+        if len(island_id) > MAX_ISLAND_ID_CHARS:
+            raise LeaseError("INVALID_ARGUMENT", f"island_id of {len(island_id)} characters is longer than "
+                                                 f"{MAX_ISLAND_ID_CHARS}")
         if self.tokens is not None:
             if island_id not in self.tokens:
                 raise LeaseError("NOT_FOUND", f"unknown island '{island_id}'")

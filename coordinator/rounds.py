@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from archipelago.checkpoint import prune_checkpoints, read_checkpoint, write_checkpoint
+from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.params import Contribution, ParamState
@@ -58,6 +59,7 @@ class RoundEngine:
         self.membership = membership
         self.run_meta = run_meta  # config hash, model config: recorded in every checkpoint
         self.num_fragments = len(params.fragments)
+        self.aggregator = Aggregator(cfg, self.num_fragments)
         self.version = 0
         self.rounds = [0] * self.num_fragments
         self.fragment_versions = [0] * self.num_fragments
@@ -85,6 +87,8 @@ class RoundEngine:
         self.version = int(manifest["version"])
         self.rounds = list(manifest["rounds"])
         self.fragment_versions = list(manifest["fragment_versions"])
+        if "update_norms" in manifest:
+            self.aggregator.load(manifest["update_norms"])
         self.store.truncate_after(self.version)
         log.info("resumed from %s at version %d", path, self.version)
         return True
@@ -93,7 +97,8 @@ class RoundEngine:
         """Write θ_g, θ_b and the outer momentum at the current version (atomic)."""
         path = self.checkpoint_dir / f"v{self.version:08d}"
         meta = {"kind": "coordinator", "version": self.version, "rounds": self.rounds,
-                "fragment_versions": self.fragment_versions, **self.run_meta}
+                "fragment_versions": self.fragment_versions, "update_norms": self.aggregator.state(),
+                **self.run_meta}
         write_checkpoint(path, self.params.tensors(), meta)
         self.store.record_checkpoint(self.version, str(path))
         prune_checkpoints(self.checkpoint_dir, "v", self.cfg.keep_checkpoints)
@@ -151,7 +156,7 @@ class RoundEngine:
     def _close(self, fragment: int) -> RoundEvent:
         contributions = list(self.pending[fragment].values())
         round_ = self.rounds[fragment]
-        grad = self.params.aggregate(contributions, fragment)
+        grad, robust = self.aggregator(self.params, contributions, fragment)
         self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
         payload, update_norm = self.params.broadcast_delta(fragment, self.cfg.broadcast_scheme)
         self.version += 1
@@ -162,7 +167,7 @@ class RoundEngine:
                 "loss_mean": _mean([c.loss_mean for c in contributions]),
                 "eval_loss": _mean([c.eval_loss for c in contributions]),
                 "staleness": [self.version - 1 - c.base_version for c in contributions],
-                "time": time.time()}
+                "time": time.time(), **robust}
         keys = list(self.pending[fragment])
         self.store.commit(self.version, fragment, round_, keys, info)
         self.pending[fragment] = {}

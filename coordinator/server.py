@@ -20,12 +20,15 @@ import grpc
 import torch
 
 from archipelago.checkpoint import read_checkpoint
+from archipelago.errors import UserError
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
 from coordinator.metrics import Metrics
 from coordinator.params import Contribution, ParamState
 from coordinator.rounds import RoundEngine, RoundEvent, StalePush, finite
+from coordinator.security import server_credentials
 from coordinator.store import SqliteStore
+from coordinator.wire import ParseErrors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
@@ -64,12 +67,17 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig, init: str | Path) -> None:
         self.cfg = cfg
+        tokens = load_tokens(cfg.islands_file)
+        for island, token in (tokens or {}).items():
+            if cfg.admin_credential and same_secret(token, cfg.admin_credential):
+                raise UserError(f"coordinator.admin_credential is the token of island '{island}': an island "
+                                "token must never open the admin RPCs; choose another admin credential")
         state_dir = Path(cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         theta, manifest = load_init(init)
         self.config_hash = manifest["config_hash"]
         self.store = SqliteStore(state_dir / "state.sqlite")
-        self.membership = Membership(self.store, cfg.lease_ttl_s, load_tokens(cfg.islands_file))
+        self.membership = Membership(self.store, cfg.lease_ttl_s, tokens)
         self.params = ParamState(theta, int(manifest["fragments"]))
         run_meta = {"config_hash": self.config_hash, "model": manifest.get("model"),
                     "fragments": int(manifest["fragments"]), "tensor_names": manifest["tensor_names"]}
@@ -331,7 +339,10 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "admin RPCs are disabled: set coordinator.admin_credential")
         if not same_secret(expected, credential):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong admin credential")
+            # One answer for every wrong credential, island tokens included, so that this RPC cannot
+            # tell a caller whether a string it tries is some island's token.
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong admin credential (admin RPCs need "
+                                "coordinator.admin_credential; island tokens are not admin credentials)")
 
     async def Status(self, request: pb.AdminRequest, context) -> pb.StatusReply:
         await self._check(request.credential, context)
@@ -365,16 +376,21 @@ class AdminService(pb_grpc.AdminServicer):
 
 async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event | None = None) -> None:
     """Run the coordinator until an admin Shutdown (or cancellation)."""
+    credentials = server_credentials(cfg)  # before anything is loaded: a refused config fails fast
     coord = Coordinator(cfg, init)
-    server = grpc.aio.server(options=grpc_options(cfg))
+    server = grpc.aio.server(options=grpc_options(cfg), interceptors=[ParseErrors()])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coord), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if credentials is None:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    else:
+        port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
     await server.start()
     address = f"{cfg.host}:{port}"
     (Path(cfg.state_dir) / "address").write_text(address)
-    log.info("coordinator listening on %s (version %d, %s)", address, coord.engine.version,
-             "resumed" if coord.resumed else "fresh")
+    log.info("coordinator listening on %s (%s, version %d, %s)", address,
+             "plaintext" if credentials is None else "mutual TLS" if cfg.tls_ca else "TLS",
+             coord.engine.version, "resumed" if coord.resumed else "fresh")
     if ready is not None:
         ready.set()
     ticker = asyncio.create_task(coord.run_ticker())

@@ -35,6 +35,7 @@ from protos.broadcast import apply_delta, digest
 from protos.codec import Chunk, ErrorFeedback, Payload, TensorSpec, decode, join_chunks, split_chunks
 from protos.fragments import split_fragments
 from protos.quant import SCHEMES
+from protos.transport import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class DiLoCoConfig:
     fragments: int = 1  # F: streaming DiLoCo syncs fragment f at inner-step offset f·H/F
     codec: str = "int8-block"
     rounds: int = 6  # outer rounds each island runs
+    # Inner steps of each round when they are not all H (e.g. short first rounds while islands
+    # that leave one random init are still far from linearly connected); empty: H every round.
+    round_steps: list[int] = field(default_factory=list)
     eval_every_rounds: int = 1  # island 0 evaluates θ_b after every k-th round; 0: never
     # Overlap (DESIGN.md step 10): keep training while a sync is in flight and merge the new θ_b
     # when it arrives; block only when a fragment is due again before its last sync has merged.
@@ -55,6 +59,12 @@ class DiLoCoConfig:
     max_message_bytes: int = 8 << 20
     reconnect_timeout_s: float = 60.0
     commit_timeout_s: float = 600.0
+    # TLS to the coordinator (PEM paths, `archipelago coordinator certs`): the CA that signed the
+    # coordinator's certificate, and this island's client certificate and key for mutual TLS.
+    # All empty: plaintext.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.fragments < 1 or self.rounds < 1:
@@ -62,8 +72,31 @@ class DiLoCoConfig:
         if self.inner_steps % self.fragments:
             raise ConfigError(f"diloco.inner_steps ({self.inner_steps}) must be a multiple of "
                               f"diloco.fragments ({self.fragments})")
+        if self.round_steps:
+            if len(self.round_steps) != self.rounds:
+                raise ConfigError(f"diloco.round_steps has {len(self.round_steps)} entries, diloco.rounds "
+                                  f"is {self.rounds}")
+            bad = [s for s in self.round_steps if s < 1 or s % self.fragments]
+            if bad:
+                raise ConfigError(f"diloco.round_steps entries must be positive multiples of "
+                                  f"diloco.fragments ({self.fragments}), got {bad}")
         if self.codec not in SCHEMES:
             raise ConfigError(f"diloco.codec '{self.codec}' is not one of {sorted(SCHEMES)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("diloco.tls_cert and diloco.tls_key go together: give both or neither")
+
+
+    def steps_in_round(self, round_: int) -> int:
+        """Inner steps of (0-based) outer round `round_`."""
+        return self.round_steps[round_] if self.round_steps else self.inner_steps
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_in_round(r) for r in range(self.rounds))
+
+    def steps_before(self, round_: int) -> int:
+        """Inner steps of the rounds before `round_` (the step count when it starts)."""
+        return sum(self.steps_in_round(r) for r in range(round_))
 
 
 def run_config_hash(model_cfg: Any, names_shapes: list[tuple[str, tuple[int, ...]]], fragments: int) -> str:
@@ -117,9 +150,10 @@ class DiLoCoClient:
         self.lease: pb.Lease | None = None
         self.ttl_s = 10.0
         self._stop = threading.Event()
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = open_channel(address, options=[
             ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes)])
+            ("grpc.max_receive_message_length", cfg.max_message_bytes)],
+            ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.loss_sum = 0.0
         self.loss_count = 0
@@ -135,12 +169,12 @@ class DiLoCoClient:
     def run(self) -> IslandStats:
         """Register, pull, and run `cfg.rounds` outer rounds of H inner steps each."""
         self.connect()
-        per_fragment = self.cfg.inner_steps // self.cfg.fragments
         # Join the fragment schedule where the run is: the fragment whose open round is oldest.
         first = min(range(self.cfg.fragments), key=lambda f: (self.rounds[f], f))
         order = [(first + i) % self.cfg.fragments for i in range(self.cfg.fragments)]
         try:
-            for _ in range(self.cfg.rounds):
+            for round_ in range(self.cfg.rounds):
+                per_fragment = self.cfg.steps_in_round(round_) // self.cfg.fragments
                 for fragment in order:
                     self.inner_steps(per_fragment)
                     self.sync(fragment)

@@ -37,6 +37,7 @@ from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload, encode, split_chunks
 from protos.fragments import split_fragments
+from protos.transport import open_channel
 
 SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_dim=128"]
 ADMIN_CREDENTIAL = "admin-secret"
@@ -105,6 +106,7 @@ class CoordinatorHarness:
     cfg: CoordinatorConfig
     files: RunFiles
     address: str = ""
+    tls: dict[str, str] = field(default_factory=dict)  # open_channel's ca/cert/key for the harness's channels
     error: BaseException | None = None
     _thread: threading.Thread | None = None
     _channels: list[grpc.Channel] = field(default_factory=list)
@@ -158,10 +160,12 @@ class CoordinatorHarness:
 
     # ---- channels -------------------------------------------------------------------------------
 
-    def channel(self, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
-        """A new channel; by default with the server's own message limits (as islands use)."""
-        channel = grpc.insecure_channel(self.address, options=grpc_options(self.cfg) if options is None
-                                        else options)
+    def channel(self, options: list[tuple[str, int]] | None = None,
+                tls: dict[str, str] | None = None) -> grpc.Channel:
+        """A new channel; by default with the server's own message limits (as islands use) and the
+        harness's TLS files (``tls``: other ``ca``/``cert``/``key`` paths, {} for plaintext)."""
+        channel = open_channel(self.address, grpc_options(self.cfg) if options is None else options,
+                               **(self.tls if tls is None else tls))
         self._channels.append(channel)
         return channel
 
@@ -279,16 +283,18 @@ class CoordinatorHarness:
 
 @pytest.fixture
 def coordinator_factory(run_files: RunFiles, tmp_path: Path) -> Iterator[Callable[..., CoordinatorHarness]]:
-    """Start a coordinator with ``CoordinatorConfig`` fields overridden by keyword."""
+    """Start a coordinator with ``CoordinatorConfig`` fields overridden by keyword (``client_tls``:
+    the ca/cert/key files the harness's own channels use)."""
     started: list[CoordinatorHarness] = []
     base = CoordinatorConfig(
         host="127.0.0.1", port=0, islands_file=str(run_files.islands_file), admin_credential=ADMIN_CREDENTIAL,
         lease_ttl_s=30.0, staleness_limit=2, chunk_bytes=64 * 1024, max_message_bytes=256 * 1024,
         broadcast_scheme="int8-block", checkpoint_every=1, keep_checkpoints=2)
 
-    def start(**overrides: Any) -> CoordinatorHarness:
+    def start(client_tls: dict[str, str] | None = None, **overrides: Any) -> CoordinatorHarness:
         state_dir = tmp_path / f"coordinator-{len(started)}"
-        harness = CoordinatorHarness(replace(base, state_dir=str(state_dir), **overrides), run_files)
+        harness = CoordinatorHarness(replace(base, state_dir=str(state_dir), **overrides), run_files,
+                                     tls=client_tls or {})
         started.append(harness)
         harness.start()
         return harness

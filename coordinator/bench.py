@@ -1,0 +1,321 @@
+"""`archipelago bench coordinator --islands 64 --json FILE`: one real coordinator under many islands.
+
+The coordinator is the real service (`archipelago coordinator serve`, its own process, plaintext on
+loopback). The islands are lightweight: asyncio gRPC clients in this process, one channel each,
+that register, then every round push a real-size encoded pseudo-gradient (``--scheme`` of a tensor
+set of ``--params`` elements; default the tiny preset's model) and pull the outer delta the round
+produced. Nothing is trained: what is measured is the coordinator's side of a round.
+
+    round latency     first push sent → every island has pulled the new version's delta
+    commit latency    first push sent → the last push's reply (the round is committed by then)
+    aggregation MB/s  islands × params × 4 bytes (the fp32 pseudo-gradients merged) / commit latency
+    memcpy MB/s       `Tensor.copy_` of one fp32 tensor set of the same size, in this run, for scale
+
+Rounds per second count the measured rounds (after ``--warmup``) over their total round latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from archipelago import config as cfglib
+from archipelago.checkpoint import write_checkpoint
+from archipelago.console import console, progress
+from archipelago.runinfo import run_metadata, write_json
+from coordinator.config import CoordinatorConfig
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from protos.codec import Payload, encode, payload_nbytes, split_chunks
+from protos.quant import SCHEMES
+
+TINY_PARAMS = 2_361_280  # elements DiLoCo syncs for configs/tiny.toml's model (a test keeps this true)
+TENSOR_NUMEL = 1 << 18  # the synthetic model's tensors: this many elements each, the last one shorter
+START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class BenchConfig:
+    islands: int = 64
+    rounds: int = 5  # measured rounds
+    warmup: int = 1  # rounds run first and not measured (connections, allocator, first checkpoint)
+    params: int = TINY_PARAMS
+    scheme: str = "int8-block"
+    distinct_payloads: int = 4  # islands push these in turn: the coordinator decodes each push all the same
+    checkpoint_every: int = 0  # the coordinator's checkpoint_every (0: measure rounds, not the disk)
+    seed: int = 0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.islands < 1 or self.rounds < 1 or self.warmup < 0 or self.params < 1 or self.distinct_payloads < 1:
+            raise cfglib.ConfigError("--islands, --rounds, --params and --distinct-payloads must be >= 1 and "
+                                     "--warmup >= 0")
+        if self.scheme not in SCHEMES:
+            raise cfglib.ConfigError(f"--scheme {self.scheme!r} is not one of {sorted(SCHEMES)}")
+
+
+def model_sized(params: int, seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """``params`` fp32 elements of N(0, scale²) as tensors of `TENSOR_NUMEL` elements (the last shorter)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [TENSOR_NUMEL] * (params // TENSOR_NUMEL) + ([params % TENSOR_NUMEL] if params % TENSOR_NUMEL else [])
+    return {f"tensor.{i:04d}": torch.randn(n, generator=gen) * scale for i, n in enumerate(sizes)}
+
+
+def memcpy_mbps(tensors: dict[str, torch.Tensor], repeats: int = 5) -> float:
+    targets = {n: torch.empty_like(t) for n, t in tensors.items()}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for n, t in tensors.items():
+            targets[n].copy_(t)
+        times.append(time.perf_counter() - start)
+    return sum(t.numel() for t in tensors.values()) * 4 / 1e6 / statistics.median(times)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (numpy's default method)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+# ---- the coordinator process -----------------------------------------------------------------------
+
+
+class CoordinatorProcess:
+    """`archipelago coordinator serve` in its own session, stopped by Admin.Shutdown or killed by pid."""
+
+    def __init__(self, cfg: CoordinatorConfig, init: Path, workdir: Path, credential: str) -> None:
+        preset = workdir / "coordinator.toml"
+        preset.write_text(cfglib.dump_toml({"coordinator": asdict(cfg)}))
+        self.log_path = workdir / "coordinator.log"
+        self.address_file = Path(cfg.state_dir) / "address"
+        self.credential = credential
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "archipelago.cli", "coordinator", "serve", "--preset", str(preset),
+                 "--init", str(init)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, "ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
+
+    def wait_address(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.address_file.is_file() and self.address_file.read_text().strip():
+                return self.address_file.read_text().strip()
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the coordinator exited with {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"the coordinator wrote no address within {timeout_s:.0f}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, address: str | None) -> None:
+        if address is not None and self.proc.poll() is None:
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=self.credential), timeout=10)
+                self.proc.wait(timeout=30)
+            except (grpc.RpcError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+# ---- the islands -----------------------------------------------------------------------------------
+
+
+class FakeIsland:
+    """Registers, pushes a prepared payload for each round, pulls each round's delta; trains nothing."""
+
+    def __init__(self, island_id: str, token: str, address: str, options: list[tuple[str, int]]) -> None:
+        self.island_id, self.token = island_id, token
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.lease: pb.Lease | None = None
+        self.bytes_pulled = 0
+
+    async def register(self, config_hash: str) -> int:
+        reply = await self.stub.Register(pb.RegisterRequest(island_id=self.island_id, token=self.token,
+                                                            config_hash=config_hash), timeout=60)
+        self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
+        return reply.version
+
+    async def push(self, payload: Payload, chunks: list[pb.PushPart], round_: int, version: int,
+                   tokens: int, timeout_s: float) -> pb.PushReply:
+        header = pb.PushHeader(lease=self.lease, fragment=0, round=round_, base_version=version, tokens=tokens,
+                               loss_mean=float("nan"), eval_loss=float("nan"), scheme=payload.header["scheme"],
+                               codec_header=payload.header_bytes(), body_len=len(payload.body),
+                               body_sha256=payload.header["body_sha256"], num_chunks=len(chunks))
+
+        async def parts():
+            yield pb.PushPart(header=header)
+            for part in chunks:
+                yield part
+
+        return await self.stub.PushPseudoGrad(parts(), timeout=timeout_s)
+
+    async def pull(self, since: int, timeout_s: float) -> None:
+        async for part in self.stub.PullParams(pb.PullRequest(lease=self.lease, since_version=since),
+                                               timeout=timeout_s):
+            self.bytes_pulled += part.ByteSize()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def drive(bench: BenchConfig, cfg: CoordinatorConfig, address: str, tokens: dict[str, str], config_hash: str,
+                payloads: list[Payload]) -> dict[str, Any]:
+    """Register every island, run warmup + measured rounds, and time them."""
+    options = [("grpc.max_send_message_length", cfg.max_message_bytes),
+               ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+    islands = [FakeIsland(i, t, address, options) for i, t in tokens.items()]
+    chunks = [[pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
+               for c in split_chunks(p.body, cfg.chunk_bytes)] for p in payloads]
+    rounds: list[dict[str, float]] = []
+    try:
+        versions = await asyncio.gather(*(i.register(config_hash) for i in islands))
+        version = max(versions)
+        total = bench.warmup + bench.rounds
+        with progress() as bar:
+            task = bar.add_task(f"{bench.islands} islands", total=total, info="")
+            for r in range(total):
+                start = time.perf_counter()
+                replies = await asyncio.gather(*(
+                    island.push(payloads[k % len(payloads)], chunks[k % len(chunks)], r, version, 1024,
+                                bench.timeout_s) for k, island in enumerate(islands)))
+                committed = time.perf_counter()
+                if max(reply.version for reply in replies) != version + 1:
+                    raise RuntimeError(f"round {r} did not commit version {version + 1}: "
+                                       f"{sorted({reply.version for reply in replies})}")
+                await asyncio.gather(*(island.pull(version, bench.timeout_s) for island in islands))
+                pulled = time.perf_counter()
+                version += 1
+                rounds.append({"round": r, "warmup": r < bench.warmup, "commit_s": committed - start,
+                               "round_s": pulled - start})
+                bar.update(task, completed=r + 1, info=f"{pulled - start:.2f}s")
+    finally:
+        await asyncio.gather(*(i.close() for i in islands))
+    return {"rounds": rounds, "bytes_pulled_per_island": islands[0].bytes_pulled, "final_version": version}
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------
+
+
+def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
+    theta = model_sized(bench.params, bench.seed, scale=0.02)
+    names = list(theta)
+    config_hash = cfglib.config_hash({"bench": "coordinator", "tensors": [[n, list(t.shape)] for n, t in theta.items()]})
+    init = write_checkpoint(workdir / "init", {"model.safetensors": theta}, {
+        "kind": "init", "config_hash": config_hash, "model": None, "fragments": 1, "tensor_names": names,
+        "seed": bench.seed})
+    grads = [model_sized(bench.params, bench.seed + 1 + k, scale=1e-3) for k in range(bench.distinct_payloads)]
+    payloads = [encode(g, bench.scheme) for g in grads]
+    memcpy = memcpy_mbps(grads[0])
+    tokens = {f"island-{i:03d}": secrets.token_hex(8) for i in range(bench.islands)}
+    (workdir / "islands.json").write_text(json.dumps(tokens))
+    cfg = CoordinatorConfig(host="127.0.0.1", port=0, state_dir=str(workdir / "coordinator"),
+                            islands_file=str(workdir / "islands.json"), lease_ttl_s=max(60.0, bench.timeout_s),
+                            min_islands=bench.islands, checkpoint_every=bench.checkpoint_every,
+                            broadcast_scheme=bench.scheme)
+    coordinator = CoordinatorProcess(cfg, init, workdir, secrets.token_hex(16))
+    address = None
+    try:
+        address = coordinator.wait_address(START_TIMEOUT_S)
+        driven = asyncio.run(drive(bench, cfg, address, tokens, config_hash, payloads))
+    finally:
+        coordinator.stop(address)
+
+    measured = [r for r in driven["rounds"] if not r["warmup"]]
+    round_s = [r["round_s"] for r in measured]
+    commit_s = [r["commit_s"] for r in measured]
+    fp32_mb = bench.params * 4 / 1e6
+    aggregation = bench.islands * fp32_mb / statistics.median(commit_s)
+    return {
+        "islands": bench.islands, "params": bench.params, "scheme": bench.scheme, "measured_rounds": len(measured),
+        "push_bytes": payload_nbytes(payloads[0]), "fp32_bytes": bench.params * 4,
+        "delta_bytes_pulled_per_round": driven["bytes_pulled_per_island"] / len(driven["rounds"]),
+        "rounds_per_s": len(round_s) / sum(round_s),
+        "round_latency_s": {"p50": percentile(round_s, 50), "p99": percentile(round_s, 99), "all": round_s},
+        "commit_latency_s": {"p50": percentile(commit_s, 50), "p99": percentile(commit_s, 99), "all": commit_s},
+        "aggregation_MBps": aggregation,
+        "push_wire_MBps": bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(commit_s),
+        "memcpy_MBps": memcpy,
+        "aggregation_vs_memcpy": aggregation / memcpy,
+        "final_version": driven["final_version"],
+        "rounds": driven["rounds"],
+        "threads": torch.get_num_threads(),
+        "coordinator_config": asdict(cfg),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="archipelago bench coordinator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = BenchConfig()
+    p.add_argument("--islands", type=int, default=d.islands)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="measured rounds")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="rounds before the measured ones")
+    p.add_argument("--params", type=int, default=d.params,
+                   help=f"elements of the pushed tensor set (default {d.params:,}: the tiny preset's model)")
+    p.add_argument("--scheme", default=d.scheme, help="codec of the pushes and of the broadcast deltas")
+    p.add_argument("--distinct-payloads", type=int, default=d.distinct_payloads)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="the coordinator's checkpoint_every (default 0: no checkpoints while measuring)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s, help="seconds per RPC")
+    p.add_argument("--workdir", help="keep the coordinator's state and log here (default: a temporary folder)")
+    p.add_argument("--json", dest="json_path", required=True, help="write the results here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    bench = BenchConfig(**{k: v for k, v in vars(args).items() if k not in ("json_path", "workdir")})
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = run(bench, workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
+            result = run(bench, Path(tmp))
+    result.update(run_metadata(bench.seed, {"bench": asdict(bench), "coordinator": result.pop("coordinator_config")}))
+    write_json(Path(args.json_path), result)
+    from rich.table import Table
+
+    table = Table(title=f"coordinator: {bench.islands} islands × {bench.params:,} params ({bench.scheme}, "
+                        f"{result['push_bytes'] / 1e6:.2f} MB a push), {result['measured_rounds']} rounds")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("rounds / s", f"{result['rounds_per_s']:.3f}"),
+            ("round latency p50 / p99 (s)", f"{result['round_latency_s']['p50']:.3f} / "
+                                            f"{result['round_latency_s']['p99']:.3f}"),
+            ("commit latency p50 / p99 (s)", f"{result['commit_latency_s']['p50']:.3f} / "
+                                             f"{result['commit_latency_s']['p99']:.3f}"),
+            ("aggregation MB/s (fp32)", f"{result['aggregation_MBps']:.0f}"),
+            ("push wire MB/s", f"{result['push_wire_MBps']:.0f}"),
+            ("memcpy MB/s (same size)", f"{result['memcpy_MBps']:.0f}"),
+            ("aggregation / memcpy", f"{result['aggregation_vs_memcpy']:.4f}")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"written to {args.json_path}")
+    return 0

@@ -1,0 +1,58 @@
+"""`archipelago bench coordinator`: a small run end to end, and the numbers its report rests on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from archipelago import config as cfglib
+from coordinator import bench
+from island.run_cli import IslandJobConfig
+from sim.bench import main as bench_main
+from sim.run import synced_numel
+
+
+def test_a_small_run_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_main(["coordinator", "--islands", "3", "--rounds", "2", "--warmup", "1", "--params", "20000",
+                       "--seed", "7", "--json", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    report = json.loads(out.read_text())
+    assert report["islands"] == 3 and report["params"] == 20000 and report["scheme"] == "int8-block"
+    assert report["measured_rounds"] == 2 and len(report["rounds"]) == 3
+    assert report["final_version"] == 3  # every round committed exactly one version
+    assert report["rounds_per_s"] > 0
+    for latency in ("round_latency_s", "commit_latency_s"):
+        assert 0 < report[latency]["p50"] <= report[latency]["p99"] <= max(report[latency]["all"])
+    assert report["aggregation_MBps"] > 0 and report["memcpy_MBps"] > 0
+    assert report["aggregation_vs_memcpy"] == pytest.approx(report["aggregation_MBps"] / report["memcpy_MBps"])
+    assert 0 < report["push_bytes"] < report["fp32_bytes"] == 20000 * 4
+    assert report["delta_bytes_pulled_per_round"] > 0
+    assert report["seed"] == 7 and report["config"]["bench"]["islands"] == 3
+    assert report["config"]["coordinator"]["min_islands"] == 3
+    assert {"archipelago", "torch"} <= set(report["versions"])
+    assert "rounds / s" in capsys.readouterr().out
+    assert "version 3" in (tmp_path / "work" / "coordinator.log").read_text()  # the coordinator's own log
+
+
+def test_the_default_size_is_the_tiny_presets_model():
+    assert bench.TINY_PARAMS == synced_numel(cfglib.load(IslandJobConfig, "tiny").model)
+
+
+def test_model_sized_tensors_have_the_asked_number_of_elements():
+    tensors = bench.model_sized(3 * bench.TENSOR_NUMEL + 5, seed=0, scale=1.0)
+    assert [t.numel() for t in tensors.values()] == [bench.TENSOR_NUMEL] * 3 + [5]
+
+
+def test_percentile_matches_numpy():
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    for q in (0, 50, 99, 100):
+        assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(cfglib.ConfigError, match="--islands"):
+        bench.main(["--islands", "0", "--json", "x.json"])
+    with pytest.raises(cfglib.ConfigError, match="--scheme"):
+        bench.main(["--scheme", "gzip", "--json", "x.json"])
