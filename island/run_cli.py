@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from archipelago import config as cfglib
 from archipelago.checkpoint import write_checkpoint
@@ -24,7 +25,7 @@ class IslandJobConfig(TrainJobConfig):
 
     @property
     def total_inner_steps(self) -> int:
-        return self.diloco.rounds * self.diloco.inner_steps
+        return self.diloco.total_steps
 
 
 def load_job(preset: str, overrides: list[str], fragments: int | None = None) -> IslandJobConfig:
@@ -34,18 +35,35 @@ def load_job(preset: str, overrides: list[str], fragments: int | None = None) ->
     return cfglib.load(IslandJobConfig, preset, overrides)
 
 
-def write_initial_model(job: IslandJobConfig, out: str | Path) -> Path:
-    """The run's θ_0 (every island's and the coordinator's starting point) and its config hash."""
+def write_initial_model(job: IslandJobConfig, out: str | Path, model: Any = None) -> Path:
+    """The run's θ_0 (every island's and the coordinator's starting point) and its config hash:
+    the seeded init of `job.model`, or the weights of `model` (e.g. a post-training start)."""
     from island.model import build_model
     from island.train import model_tensors
 
-    model = build_model(job.model, seed=job.train.seed)
+    model = model if model is not None else build_model(job.model, seed=job.train.seed)
     tensors = {n: t for n, t in sorted(model_tensors(model).items()) if t.is_floating_point()}
     digest = run_config_hash(job.model, [(n, tuple(t.shape)) for n, t in tensors.items()],
                              job.diloco.fragments)
     return write_checkpoint(out, {"model.safetensors": tensors}, {
         "kind": "init", "config_hash": digest, "model": asdict(job.model),
         "fragments": job.diloco.fragments, "tensor_names": list(tensors), "seed": job.train.seed})
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The flags of one island process (also used by `archipelago posttrain island`)."""
+    run.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    run.add_argument("--island-id", required=True)
+    run.add_argument("--island-index", type=int, default=0, help="this island's data shard index")
+    run.add_argument("--num-islands", type=int, default=1, help="how many shards the data is split into")
+    run.add_argument("--token", default=os.environ.get("ARCHIPELAGO_ISLAND_TOKEN", ""),
+                     help="island token (default: $ARCHIPELAGO_ISLAND_TOKEN)")
+    run.add_argument("--report", help="write the island's report JSON here")
+
+
+def check_island_index(args: argparse.Namespace) -> None:
+    if not 0 <= args.island_index < args.num_islands:
+        raise cfglib.ConfigError(f"--island-index {args.island_index} must be in [0, {args.num_islands})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,14 +76,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--fragments", type=int, help="override diloco.fragments")
     init = sub.choices["init"]
     init.add_argument("--out", required=True, help="folder for the initial model checkpoint")
-    run = sub.choices["run"]
-    run.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    run.add_argument("--island-id", required=True)
-    run.add_argument("--island-index", type=int, default=0, help="this island's data shard index")
-    run.add_argument("--num-islands", type=int, default=1, help="how many shards the data is split into")
-    run.add_argument("--token", default=os.environ.get("ARCHIPELAGO_ISLAND_TOKEN", ""),
-                     help="island token (default: $ARCHIPELAGO_ISLAND_TOKEN)")
-    run.add_argument("--report", help="write the island's report JSON here")
+    add_run_arguments(sub.choices["run"])
     return p
 
 
@@ -76,22 +87,34 @@ def main(argv: list[str]) -> int:
         path = write_initial_model(job, args.out)
         print(f"initial model written to {path}")
         return 0
-    if not 0 <= args.island_index < args.num_islands:
-        raise cfglib.ConfigError(f"--island-index {args.island_index} must be in [0, {args.num_islands})")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
+    check_island_index(args)
     trainer = Trainer(job, island_id=args.island_index, num_islands=args.num_islands,
                       total_steps=job.total_inner_steps)
-    client = DiLoCoClient(job.diloco, trainer, args.coordinator, args.island_id, args.token)
-    stats = client.run()
-    if args.report:
-        write_json(args.report, {
-            "island_id": args.island_id, "island_index": args.island_index, "rounds": stats.rounds,
-            "pushes": stats.pushes, "inner_steps": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
-            "compute_s": stats.compute_s, "blocked_s": stats.blocked_s, "reconnects": stats.reconnects,
-            "final_version": client.version, "eval_curve": stats.eval_curve, "sync_log": stats.sync_log,
-            "theta_b_sha256": digest(client.theta_b),
-            **run_metadata(job.train.seed, job)})
+    run_island(args, job, trainer)
     return 0
 
 
-__all__ = ["IslandJobConfig", "load_job", "write_initial_model", "synced_tensors", "main"]
+def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
+               extra: Any = None) -> dict[str, Any]:
+    """Run `trainer` as island `args.island_id` under the DiLoCo client; write and return its report.
+
+    `extra(trainer, stats)`, when given, adds fields to the report (post-training's rewards).
+    """
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
+    client = DiLoCoClient(job.diloco, trainer, args.coordinator, args.island_id, args.token)
+    stats = client.run()
+    report = {
+        "island_id": args.island_id, "island_index": args.island_index, "rounds": stats.rounds,
+        "pushes": stats.pushes, "inner_steps": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
+        "compute_s": stats.compute_s, "blocked_s": stats.blocked_s, "reconnects": stats.reconnects,
+        "final_version": client.version, "eval_curve": stats.eval_curve, "sync_log": stats.sync_log,
+        "theta_b_sha256": digest(client.theta_b),
+        **(extra(trainer, stats) if extra else {}),
+        **run_metadata(job.train.seed, job)}
+    if args.report:
+        write_json(args.report, report)
+    return report
+
+
+__all__ = ["IslandJobConfig", "load_job", "write_initial_model", "synced_tensors", "run_island",
+           "add_run_arguments", "check_island_index", "main"]

@@ -5,14 +5,22 @@ A gates file names thresholds as `<metric>_max` or `<metric>_min` under `[thresh
     [thresholds]
     eval_loss_max = 5.0
 
-Each metric is measured on the checkpoint itself (eval loss through `Trainer.evaluate`, on the
-same held-out batches training reports), so the number that promotes a model is the number
-the training run's dashboards showed. A metric we cannot measure yet (say `task_accuracy`,
-until post-training supplies task evaluation) is refused when the file is read, not skipped.
+    task_accuracy_min = 0.5
+
+    [task]            # optional: which verifiable task task_accuracy uses (posttrain.tasks)
+    name = "arithmetic"
+    digits = 2
+
+Each metric is measured on the checkpoint itself: eval loss through `Trainer.evaluate`, on the
+same held-out batches training reports, and task accuracy with greedy decoding on the task's
+held-out problems, as post-training reports it; so the number that promotes a model is the
+number the run's dashboards showed. A metric we cannot measure is refused when the file is read,
+not skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -31,12 +39,23 @@ class GateError(UserError):
     """A gates file that cannot be used, or a checkpoint that fails it."""
 
 
-def eval_loss(model: Transformer, job: TrainJobConfig) -> float:
+def eval_loss(model: Transformer, job: TrainJobConfig, task: Any) -> float:
     """Mean loss over the job's fixed held-out batches."""
     return Trainer(job, model=model).evaluate()
 
 
-METRICS: dict[str, Callable[[Transformer, TrainJobConfig], float]] = {"eval_loss": eval_loss}
+def task_accuracy(model: Transformer, job: TrainJobConfig, task: Any) -> float:
+    """Greedy accuracy on the held-out problems of the gate's task."""
+    from island.data import open_dataset
+    from posttrain.rollout import RolloutConfig, RolloutEngine, accuracy
+
+    engine = RolloutEngine(model, open_dataset(job.data).tokenizer, RolloutConfig(temperature=0.0))
+    built = task.build()
+    return accuracy(engine, built, built.problems("heldout", task.heldout_problems, task.seed))
+
+
+METRICS: dict[str, Callable[[Transformer, TrainJobConfig, Any], float]] = {
+    "eval_loss": eval_loss, "task_accuracy": task_accuracy}
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,7 @@ class Threshold:
     metric: str
     bound: str  # "max" | "min"
     value: float
+    task: Any = None  # the TaskConfig of task_accuracy
 
     @property
     def key(self) -> str:
@@ -64,6 +84,17 @@ def load_gate(path: str | Path) -> list[Threshold]:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise GateError(f"gates file {path} is not valid TOML: {exc}") from exc
+    task = None
+    if "task" in table:
+        from archipelago.config import ConfigError, build
+        from posttrain.tasks import TaskConfig
+
+        try:
+            task = build(TaskConfig, table["task"]) if isinstance(table["task"], dict) else None
+        except ConfigError as exc:
+            raise GateError(f"{path}: [task]: {exc}") from exc
+        if task is None:
+            raise GateError(f"{path}: [task] must be a table")
     raw = table.get("thresholds")
     if not isinstance(raw, dict) or not raw:
         raise GateError(f"gates file {path} has no [thresholds] table")
@@ -77,13 +108,19 @@ def load_gate(path: str | Path) -> list[Threshold]:
                             f"measured yet (known: {', '.join(METRICS)})")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise GateError(f"{path}: threshold '{key}' must be a number, got {value!r}")
-        out.append(Threshold(metric, bound, float(value)))
+        if metric == "task_accuracy" and task is None:
+            from posttrain.tasks import TaskConfig
+
+            task = TaskConfig()
+        out.append(Threshold(metric, bound, float(value), task if metric == "task_accuracy" else None))
     return out
 
 
 def evaluate(thresholds: list[Threshold], model: Transformer, job: TrainJobConfig) -> dict[str, float]:
     """Measure each metric the thresholds need, once."""
-    return {metric: METRICS[metric](model, job) for metric in dict.fromkeys(t.metric for t in thresholds)}
+    first = {t.metric: t for t in reversed(thresholds)}
+    return {metric: METRICS[metric](model, job, first[metric].task)
+            for metric in dict.fromkeys(t.metric for t in thresholds)}
 
 
 def check(thresholds: list[Threshold], metrics: dict[str, float]) -> None:
@@ -106,5 +143,6 @@ def promotion_record(thresholds: list[Threshold], metrics: dict[str, float], che
         "checkpoint_sha256": manifest.get("files", {}),
         "metrics": metrics,
         "thresholds": {t.key: t.value for t in thresholds},
+        "task": next((dataclasses.asdict(t.task) for t in thresholds if t.task is not None), None),
         "passed": True,
     }

@@ -1,5 +1,6 @@
 """`archipelago sim`: simulate a multi-region run on this machine and compare it with ordinary
-synchronous data-parallel training on the same model, data and number of tokens."""
+synchronous data-parallel training on the same model, data and number of tokens.
+`archipelago sim plan`: the scale model (sim/plan.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["plan"]:
+        from sim.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.baseline:

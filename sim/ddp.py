@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from archipelago.checkpoint import read_checkpoint
 from archipelago.config import build
 from archipelago.runinfo import write_json
 from island.data import prepare
-from island.train import Trainer, TrainJobConfig, model_tensors
+from island.train import Trainer, TrainJobConfig, load_model_tensors, model_tensors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "ddp_result.json"
@@ -80,7 +81,7 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 def run_ddp(job: TrainJobConfig, num_workers: int, steps: int, out_dir: Path, eval_every: int,
             master_port: int | None = None, master_addr: str = "127.0.0.1",
-            timeout_s: float = 1800) -> dict[str, Any]:
+            timeout_s: float = 1800, init: Path | None = None) -> dict[str, Any]:
     """Train `steps` synchronous data-parallel steps on `num_workers` processes; rank 0's results.
 
     The eval curve starts at step 0 (the shared init), then every `eval_every` steps and the
@@ -88,6 +89,9 @@ def run_ddp(job: TrainJobConfig, num_workers: int, steps: int, out_dir: Path, ev
 
     `wall_s` is rank 0's time from a ready process group to the end of training (evals
     included), so process start-up does not count against the baseline.
+
+    `init`, when given, is a checkpoint folder (model.safetensors) every rank starts from instead
+    of the seeded init.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,8 @@ def run_ddp(job: TrainJobConfig, num_workers: int, steps: int, out_dir: Path, ev
     spec = {"job": {f.name: dataclasses.asdict(getattr(job, f.name))
                     for f in dataclasses.fields(TrainJobConfig)}, "world_size": num_workers, "steps": steps,
             "eval_every": eval_every, "init_method": f"tcp://{master_addr}:{port}",
-            "timeout_s": timeout_s, "out_dir": str(out_dir.resolve())}
+            "timeout_s": timeout_s, "out_dir": str(out_dir.resolve()),
+            "init": str(Path(init).resolve()) if init else None}
     spec_path = write_json(out_dir / "ddp_spec.json", spec)
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -186,6 +191,9 @@ def _worker(spec_path: str, rank: int) -> None:
     dist.init_process_group("gloo", init_method=spec["init_method"], rank=rank, world_size=world,
                             timeout=timedelta(seconds=spec["timeout_s"]))
     trainer = Trainer(job, island_id=rank, num_islands=world, total_steps=steps)
+    if spec.get("init"):
+        files, _ = read_checkpoint(spec["init"])
+        load_model_tensors(trainer.model, files["model.safetensors"], spec["init"])
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     sums: list[str] = [""] * world
     dist.all_gather_object(sums, _checksum(params))

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ import grpc
 import torch
 
 from archipelago import config as cfglib
-from archipelago.checkpoint import read_checkpoint
+from archipelago.checkpoint import read_checkpoint, write_checkpoint
 from archipelago.config import ConfigError
 from coordinator.config import CoordinatorConfig
 from island.data import open_dataset
 from island.model import ModelConfig, Transformer
 from island.run_cli import IslandJobConfig, write_initial_model
-from island.train import Trainer
+from island.train import Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
@@ -42,6 +42,10 @@ class SimSection:
     host: str = "127.0.0.1"
     wan: str = ""  # every island's emulated link, e.g. "100mbit,50ms"; empty: loopback, unshaped
     wan_per_island: list[str] = field(default_factory=list)  # overrides `wan` island by island
+    # Both runs start from a checkpoint trained locally for this many steps (one process, the
+    # job's batch, warmup then constant lr) instead of the random init, as DiLoCo is evaluated
+    # from a pre-trained model (arXiv:2311.08105); its tokens are reported apart, in neither run.
+    warmstart_steps: int = 0
 
     def link(self, island: int) -> WanSpec | None:
         text = self.wan_per_island[island] if island < len(self.wan_per_island) else self.wan
@@ -109,14 +113,19 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
     raise TimeoutError(f"{path} did not appear within {timeout_s}s")
 
 
-def run_islands(cfg: SimConfig, out: Path, preset_file: Path) -> dict[str, Any]:
-    """Start the coordinator and the islands, wait for them, return what they measured."""
+def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tuple[str, ...] = ("island", "run"),
+                init_model: Any = None) -> dict[str, Any]:
+    """Start the coordinator and the islands, wait for them, return what they measured.
+
+    `island_command` is the subcommand each island process runs (post-training runs its own);
+    `init_model`, when given, is θ_0 instead of the seeded init.
+    """
     n = cfg.sim.islands
     coord_dir = out / "coordinator"
     if coord_dir.exists():
         shutil.rmtree(coord_dir)
     coord_dir.mkdir(parents=True)
-    write_initial_model(cfg, coord_dir / "init")
+    write_initial_model(cfg, coord_dir / "init", model=init_model)
     tokens = {f"island-{i}": secrets.token_hex(16) for i in range(n)}
     (coord_dir / "islands.json").write_text(json.dumps(tokens))
     os.chmod(coord_dir / "islands.json", 0o600)
@@ -138,7 +147,7 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path) -> dict[str, Any]:
                               seed=cfg.train.seed + i).start()
             proxies.append(proxy)
             group.start(island_id, [
-                "island", "run", "--preset", str(preset_file), "--coordinator", proxy.address,
+                *island_command, "--preset", str(preset_file), "--coordinator", proxy.address,
                 "--island-id", island_id, "--island-index", str(i), "--num-islands", str(n),
                 "--report", str(out / f"{island_id}.json")], env={"ARCHIPELAGO_ISLAND_TOKEN": token})
         deadline = time.monotonic() + cfg.sim.timeout_s
@@ -203,20 +212,37 @@ def synced_numel(model_cfg: ModelConfig) -> int:
             sum(b.numel() for n, b in model.named_buffers() if n in persistent and b.is_floating_point()))
 
 
+def warm_start(cfg: SimConfig, out: Path) -> tuple[Transformer, Path, dict[str, Any]]:
+    """Train θ_0 locally for `sim.warmstart_steps` steps; (model, its checkpoint folder, facts)."""
+    k = cfg.sim.warmstart_steps
+    job = replace(cfg, optim=replace(cfg.optim, schedule="constant", warmup_steps=min(cfg.optim.warmup_steps, k)))
+    trainer = Trainer(job, total_steps=k)
+    start = time.perf_counter()
+    for _ in range(k):
+        trainer.train_step()
+    facts = {"steps": k, "tokens": k * trainer.tokens_per_step, "eval_loss": trainer.evaluate(),
+             "wall_s": time.perf_counter() - start}
+    path = write_checkpoint(out, {"model.safetensors": model_tensors(trainer.model)},
+                            {"kind": "warmstart", **facts})
+    return trainer.model, path, facts
+
+
 def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)  # prepare once, before any process needs it
     preset_file = out / "sim-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
-    result = run_islands(cfg, out, preset_file)
+    warm = warm_start(cfg, out / "warmstart") if cfg.sim.warmstart_steps else None
+    result = run_islands(cfg, out, preset_file, init_model=warm[0] if warm else None)
     final_eval, final_version, coordinator_theta_b = evaluate_global(cfg, result["coordinator_dir"])
     island_digests = {i["theta_b_sha256"] for i in result["islands"]}
     n, h = cfg.sim.islands, cfg.diloco.inner_steps
-    steps = cfg.diloco.rounds * h
+    steps = cfg.total_inner_steps
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     report: dict[str, Any] = {
         "preset": preset_label,
         "islands": n, "inner_steps": h, "outer_rounds": cfg.diloco.rounds, "fragments": cfg.diloco.fragments,
+        "round_steps": [cfg.diloco.steps_in_round(r) for r in range(cfg.diloco.rounds)],
         "tokens": sum(i["tokens"] for i in result["islands"]),
         "final_eval_loss": final_eval, "final_version": final_version,
         "codec": cfg.diloco.codec, "broadcast_codec": cfg.coordinator.broadcast_scheme,
@@ -229,18 +255,19 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         # every island and the coordinator hold the same broadcast copy, bit for bit
         "theta_b_identical": island_digests == {coordinator_theta_b},
         "theta_b_sha256": coordinator_theta_b,
+        "warmstart": warm[2] if warm else None,
         "wan": [cfg.sim.link(i).describe() if cfg.sim.link(i) else "loopback (unshaped)" for i in range(n)],
         "fp32_sync_to_compute_ratio": fp32_sync_ratio(cfg, result["islands"]),
         "bandwidth_timeline": [{"t_s": t / 10, "bits_per_s": b * 80} for link in result["links"][:1]
                                for t, b in sorted(link.timeline.items())],
-        "diloco_eval_curve": [{"tokens": p["round"] * h * n * tokens_per_step, "loss": p["loss"],
+        "diloco_eval_curve": [{"tokens": cfg.diloco.steps_before(p["round"]) * n * tokens_per_step, "loss": p["loss"],
                                "version": p["version"]} for p in result["islands"][0]["eval_curve"]],
     }
     if cfg.sim.baseline == "ddp":
         from sim.ddp import run_ddp
 
         ddp = run_ddp(cfg, n, steps, out / "ddp", eval_every=h,
-                      timeout_s=cfg.sim.timeout_s)
+                      timeout_s=cfg.sim.timeout_s, init=warm[1] if warm else None)
         report.update({
             "baseline_eval_loss": ddp["final_eval_loss"],
             "loss_gap_rel": final_eval / ddp["final_eval_loss"] - 1,

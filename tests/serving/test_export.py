@@ -147,6 +147,25 @@ def test_the_gate_passes_and_writes_promotion_json(checkpoints, tmp_path):
     assert record["thresholds"] == {"eval_loss_max": 50.0}
 
 
+def test_the_gate_measures_task_accuracy_on_held_out_problems(checkpoints, tmp_path, capsys):
+    gates = tmp_path / "gates.toml"
+    gates.write_text("[thresholds]\ntask_accuracy_min = 0.5\neval_loss_max = 50.0\n\n"
+                     "[task]\nname = \"arithmetic\"\ndigits = 2\nheldout_problems = 8\n")
+    code = cli(["export", "--checkpoint", str(checkpoints["qwen3"]), "--out", str(tmp_path / "m"),
+                "--gate", str(gates)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "task_accuracy = 0.0000 < task_accuracy_min = 0.5" in err  # an untrained model
+    gates.write_text("[thresholds]\ntask_accuracy_min = 0.0\n\n[task]\nheldout_problems = 8\n")
+    report = export_checkpoint(checkpoints["qwen3"], tmp_path / "m", ExportOptions(gate=gates))
+    record = json.loads((report.out / "promotion.json").read_text())
+    assert record["metrics"] == {"task_accuracy": 0.0} and record["task"]["heldout_problems"] == 8
+    gates.write_text("[thresholds]\ntask_accuracy_min = 0.5\n\n[task]\nname = \"chess\"\n")
+    assert cli(["export", "--checkpoint", str(checkpoints["qwen3"]), "--out", str(tmp_path / "n"),
+                "--gate", str(gates)]) == 2
+    bad = capsys.readouterr().err
+    assert "[task]" in bad and "task.name" in bad
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--checkpoint", "{tmp}/missing"], "does not exist"),
     (["--checkpoint", "{ckpt}", "--dtype", "fp16"], "--dtype must be one of bf16, fp32"),
