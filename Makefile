@@ -22,7 +22,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/archipelago sim --preset ci --report $(REPORT)
 
+# Under CI (CI=true) the serving environment is built first, so the vLLM test runs there too.
 test: install
+	@if [ "$${CI:-}" = "true" ]; then $(MAKE) --no-print-directory serve-env; fi
 	$(PY) -m pytest -q -ra
 
 test-fast: install
