@@ -157,6 +157,7 @@ class DiLoCoClient:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.loss_sum = 0.0
         self.loss_count = 0
+        self.token_sum = 0  # tokens of the inner steps since the last sync (steps may differ)
         self.outstanding: dict[int, int] = {}  # fragment -> round pushed but not merged yet
         self.arrivals: queue.Queue[tuple[pb.PayloadHeader, dict[str, torch.Tensor]]] = queue.Queue()
         self.arrived = threading.Event()
@@ -193,6 +194,7 @@ class DiLoCoClient:
             self.stats.compute_s += time.perf_counter() - start
             self.loss_sum += s.loss
             self.loss_count += 1
+            self.token_sum += s.tokens
 
     def maybe_evaluate(self) -> None:
         k = self.cfg.eval_every_rounds
@@ -230,8 +232,8 @@ class DiLoCoClient:
         payload, _ = self.feedback[fragment].encode(delta, self.cfg.codec)
         round_ = self.rounds[fragment]
         self.outstanding[fragment] = round_
-        tokens, loss_mean = self.loss_count * self.trainer.tokens_per_step, self.mean_loss()
-        self.loss_sum, self.loss_count = 0.0, 0
+        tokens, loss_mean = self.token_sum, self.mean_loss()
+        self.loss_sum, self.loss_count, self.token_sum = 0.0, 0, 0
         self.pushes.append(self.pusher.submit(self.push, fragment, round_, self.base_version[fragment],
                                               payload, tokens, loss_mean))
         if not self.cfg.overlap:

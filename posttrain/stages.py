@@ -257,15 +257,20 @@ class DPOTrainer(StageTrainer):
         self.log.pairs.append(found)
 
     def forward_backward(self) -> float:
+        """One DPO step. Its token count (what the coordinator weights the push by) is the tokens
+        it sampled while mining plus the tokens it trained on, so a step that found no pair still
+        counts the work it did."""
         d = self.job.dpo
         ref = self.reference()
+        sampled = self.engine.tokens
         for _ in range(d.max_mining_passes):
             if len(self.pairs) >= d.pairs_per_step:
                 break
             self.mine()
+        sampled = self.engine.tokens - sampled
         if not self.pairs:  # nothing to learn from this step: no gradient, and it is counted
             self.log.skipped_steps += 1
-            self.tokens_per_step = 0
+            self.tokens_per_step = max(1, sampled)
             return 0.0
         take, self.pairs = self.pairs[:d.pairs_per_step], self.pairs[d.pairs_per_step:]
         prompts = [p for p, _, _ in take] * 2
@@ -277,7 +282,7 @@ class DPOTrainer(StageTrainer):
         n = len(take)
         loss, margin = dpo_loss(logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], d.beta)
         loss.backward()
-        self.tokens_per_step = int(mask.sum())
+        self.tokens_per_step = int(mask.sum()) + sampled
         self.log.losses.append(float(loss.detach()))
         self.log.extra.setdefault("margin", []).append(float(margin.mean()))
         return float(loss.detach())

@@ -38,6 +38,23 @@ def test_grpo_runs_two_islands_through_the_coordinator(tmp_path, data_cache):
     assert len({i["theta_b_sha256"] for i in islands}) == 1
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sft_and_dpo_stages_run_through_the_coordinator(stage, tmp_path, data_cache):
+    out = tmp_path / stage
+    fast = [s for s in FAST if not s.startswith("diloco.rounds")] + ["diloco.rounds=1", "dpo.prompts_per_mine=4",
+                                                                      "dpo.samples_per_prompt=4", "train.batch_size=8"]
+    assert cli(["posttrain", stage, "--report", str(out), *sets(fast + [f"data.cache_dir={data_cache}"])]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage"] == stage and report["final_version"] == 1
+    assert 0.0 <= report["heldout_accuracy_after"] <= 1.0
+    islands = [json.loads((out / f"island-{i}.json").read_text()) for i in range(2)]
+    assert all(i["stage"] == stage and i["inner_steps"] == 2 for i in islands)
+    if stage == "sft":
+        assert all(len(i["loss_per_round"]) == 1 for i in islands)
+    else:  # every step either trained on mined pairs or was skipped, and says which
+        assert all(len(i["pairs_mined"]) >= 1 for i in islands)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["posttrain", "grpo", "--set", "grpo.group_size=1"], "grpo.group_size"),
     (["posttrain", "grpo", "--set", "task.name=chess"], "task.name"),
