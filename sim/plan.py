@@ -15,7 +15,8 @@ predicts what a round costs on the WAN and whether the accelerators wait:
 - comm_reduction against a ring all-reduce of fp32 gradients, 8·(N−1)·P bytes per step for N
   workers: 8·(N−1)·P·H / (N·P·(b_up + b_down)/8);
 - fp32_sync_to_compute_ratio = (32·P/B + L) / (H·t);
-- peak rate on a link: a fragment's push leaves as one burst, so min(B, P·b_up/F per second).
+- peak rate on a link, both directions together as the link proxy counts them: a fragment's push
+  and its delta each leave as one burst, so min(B, P·b_up/F) + min(B, P·b_down/F) per second.
 
 `--validate` runs the preset's simulation (no baseline), takes its measured step time, and prints
 the prediction next to the measurement.
@@ -96,7 +97,8 @@ def predict(p: PlanInput) -> dict[str, Any]:
         "wall_s": p.rounds * (compute_round + blocked),
         "comm_reduction": (ring * p.inner_steps / (p.islands * bytes_round)) if p.islands > 1 else math.inf,
         "fp32_sync_to_compute_ratio": (32 * p.params / p.bandwidth_bps + p.latency_s) / compute_round,
-        "peak_wan_bits_per_s": min(p.bandwidth_bps, p.params * b_up / p.fragments),
+        "peak_wan_bits_per_s": (min(p.bandwidth_bps, p.params * b_up / p.fragments) +
+                                min(p.bandwidth_bps, p.params * b_down / p.fragments)),
     }
 
 
