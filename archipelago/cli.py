@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("coordinator.cli", "run the coordinator (serve) or query it (status)"),
     "bench": ("sim.bench", "benchmarks: codec, kernels, coordinator (ratios against a same-run baseline)"),
     "sim": ("sim.cli", "simulate a multi-region run on this machine, against a data-parallel baseline"),
+    "chaos": ("sim.chaos", "fault injection in a simulated run: a rank inside an island (island-ci); "
+                           "coordinator, links, islands (ci)"),
     "posttrain": ("sim.posttrain", "post-training on islands through the coordinator: sft, dpo, grpo, pipeline"),
     "export": ("serving.cli", "export a checkpoint as a Hugging Face model folder (bf16/fp32, FP8, gate)"),
     "serve": ("serving.serve", "serve an exported model folder with vLLM (OpenAI-compatible API)"),

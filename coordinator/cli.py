@@ -1,5 +1,6 @@
-"""`archipelago coordinator serve|status|certs`: run the coordinator service, ask it how it is doing,
-or make a run's certificates for mutual TLS."""
+"""`archipelago coordinator serve|status|rollback|certs`: run the coordinator service (alone, or as
+one of several coordinators electing a leader through etcd), ask it how it is doing, roll the run
+back to a kept checkpoint, or make a run's certificates for mutual TLS."""
 
 from __future__ import annotations
 
@@ -36,13 +37,19 @@ def parser() -> argparse.ArgumentParser:
         serve.add_argument(f"--tls-{flag}", help=f"override coordinator.tls_{flag} (PEM file)")
     serve.add_argument("--insecure", action="store_true",
                        help="serve without TLS on a non-loopback address (coordinator.insecure = true)")
+    serve.add_argument("--etcd", help="HOST:PORT of etcd: elect a leader among the coordinators sharing "
+                                      "--state-dir; this one serves only while it leads (coordinator.etcd)")
     status = sub.add_parser("status", help="print the coordinator's status")
-    status.add_argument("--address", required=True, help="HOST:PORT")
-    status.add_argument("--credential", default=os.environ.get("ARCHIPELAGO_ADMIN_CREDENTIAL", ""),
+    rollback = sub.add_parser("rollback", help="roll the run back to a kept checkpoint; islands reload")
+    rollback.add_argument("--to", dest="to_version", type=int, required=True, metavar="V",
+                          help="the version to go back to (one with a kept checkpoint)")
+    for p_ in (status, rollback):
+        p_.add_argument("--address", required=True, help="HOST:PORT")
+        p_.add_argument("--credential", default=os.environ.get("ARCHIPELAGO_ADMIN_CREDENTIAL", ""),
                         help="admin credential (default: $ARCHIPELAGO_ADMIN_CREDENTIAL)")
-    status.add_argument("--tls-ca", default="", help="CA certificate that signed the coordinator's (PEM)")
-    status.add_argument("--tls-cert", default="", help="client certificate, for a coordinator with mutual TLS")
-    status.add_argument("--tls-key", default="", help="the client certificate's key")
+        p_.add_argument("--tls-ca", default="", help="CA certificate that signed the coordinator's (PEM)")
+        p_.add_argument("--tls-cert", default="", help="client certificate, for a coordinator with mutual TLS")
+        p_.add_argument("--tls-key", default="", help="the client certificate's key")
     status.add_argument("--json", action="store_true", help="print the raw JSON status")
     certs = sub.add_parser("certs", help="make a CA, a server certificate and client certificates (mTLS)")
     certs.add_argument("--out", required=True, help="folder for the PEM files (an existing CA there is reused)")
@@ -57,7 +64,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.action == "serve":
         overrides = list(args.overrides)
-        for key in ("host", "port", "state_dir", "tls_cert", "tls_key", "tls_ca"):
+        for key in ("host", "port", "state_dir", "tls_cert", "tls_key", "tls_ca", "etcd"):
             if getattr(args, key) is not None:
                 overrides.append(f"coordinator.{key}={json.dumps(getattr(args, key))}")
         if args.insecure:
@@ -69,13 +76,35 @@ def main(argv: list[str]) -> int:
         if not os.path.isdir(init):
             raise cfglib.ConfigError(f"--init {init} does not exist (write one with archipelago island init)")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
-        from coordinator.server import serve
+        from coordinator.server import LostLeadership, serve
 
-        asyncio.run(serve(cfg, init))
+        try:
+            asyncio.run(serve(cfg, init))
+        except LostLeadership as exc:
+            console.print(f"[red]coordinator stopped: it no longer leads the run ({exc})")
+            return 3
         return 0
     if args.action == "certs":
         return certs(args)
+    if args.action == "rollback":
+        return rollback(args)
     return status(args)
+
+
+def rollback(args) -> int:
+    from protos import archipelago_pb2 as pb
+    from protos import archipelago_pb2_grpc as pb_grpc
+    from protos.transport import open_channel
+
+    with open_channel(args.address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
+        try:
+            reply = pb_grpc.AdminStub(channel).Rollback(
+                pb.RollbackRequest(credential=args.credential, to_version=args.to_version), timeout=60)
+        except grpc.RpcError as exc:
+            console.print(f"[red]coordinator {args.address}: {exc.code().name}: {exc.details()}")
+            return 1
+    console.print(f"version [bold]{reply.version}[/]: {reply.message}")
+    return 0
 
 
 def status(args) -> int:

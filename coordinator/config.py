@@ -29,7 +29,7 @@ class CoordinatorConfig:
     admin_credential: str = ""  # empty: admin RPCs refused
     # Rounds
     quorum: float = 1.0  # fraction of live islands a round waits for
-    round_deadline_s: float = 0.0  # close a round after this long with >= min_islands; 0: wait
+    round_deadline_s: float = 0.0  # close a round this long after its first push (>= min_islands); 0: wait
     min_islands: int = 1
     staleness_limit: int = 4  # refuse pushes whose base version is more versions old than this
     staleness_discount: float = 0.5  # weight factor per version of staleness
@@ -56,6 +56,22 @@ class CoordinatorConfig:
     checkpoint_every: int = 1  # versions between global checkpoints
     keep_checkpoints: int = 3
     delta_log: int = 64  # outer deltas kept for islands that pull incrementally
+    # Divergence guard (coordinator/guard.py). A round whose outer step is non-finite, whose step
+    # norm exceeds guard_norm_factor × the median of recent committed ones, or whose reported loss
+    # exceeds guard_loss_factor × the median of recent committed rounds' is not committed;
+    # guard_max_refusals refused rounds in a row roll back to the newest older checkpoint.
+    # A factor of 0 turns its check off; guard_max_refusals = 0 never rolls back.
+    guard_norm_factor: float = 10.0
+    guard_loss_factor: float = 1.5
+    guard_window: int = 16
+    guard_min_history: int = 3
+    guard_max_refusals: int = 3
+    # Standby coordinators (coordinator/etcd.py): with etcd = "HOST:PORT", coordinators sharing
+    # state_dir (a shared folder) elect a leader through an etcd lease; the state store lives in
+    # etcd, every write fenced by the leader's epoch. Empty: one coordinator, sqlite in state_dir.
+    etcd: str = ""
+    etcd_prefix: str = "/archipelago/run"
+    etcd_lease_ttl_s: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.quorum <= 1:
@@ -80,6 +96,16 @@ class CoordinatorConfig:
                               f"got {self.aggregation!r}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"coordinator.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if min(self.guard_norm_factor, self.guard_loss_factor) < 0 or self.guard_window < 1 \
+                or self.guard_min_history < 1 or self.guard_max_refusals < 0:
+            raise ConfigError("coordinator.guard_norm_factor and guard_loss_factor must be >= 0 (0: off), "
+                              "guard_window and guard_min_history >= 1, guard_max_refusals >= 0")
+        if self.guard_min_history > self.guard_window:
+            raise ConfigError(f"coordinator.guard_min_history ({self.guard_min_history}) cannot exceed "
+                              f"guard_window ({self.guard_window})")
+        if self.etcd and (":" not in self.etcd or self.etcd_lease_ttl_s < 2):
+            raise ConfigError(f"coordinator.etcd must be HOST:PORT (got {self.etcd!r}) and etcd_lease_ttl_s "
+                              f">= 2 (etcd's smallest lease), got {self.etcd_lease_ttl_s}")
         if self.clip_update_norm < 0 or self.clip_window < 1:
             raise ConfigError("coordinator.clip_update_norm must be >= 0 (0: off) and clip_window >= 1, got "
                               f"{self.clip_update_norm} and {self.clip_window}")

@@ -80,6 +80,19 @@ class ParamState:
             self.theta_g[name].sub_(update, alpha=lr)
         return {n: self.theta_g[n] for n in grad}
 
+    def save_fragment(self, fragment: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of the fragment's θ_g and outer momentum (what `outer_step` changes)."""
+        names = self.fragments[fragment]
+        return {"theta_g": {n: self.theta_g[n].clone() for n in names},
+                "momentum": {n: self.momentum[n].clone() for n in names}}
+
+    def restore_fragment(self, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Undo an outer step that was not committed."""
+        for name, t in saved["theta_g"].items():
+            self.theta_g[name].copy_(t)
+        for name, t in saved["momentum"].items():
+            self.momentum[name].copy_(t)
+
     def broadcast_delta(self, fragment: int, scheme: str) -> tuple[Payload, float]:
         """δ = θ_g − θ_b for the fragment, quantized; θ_b advances by what islands will decode."""
         names = self.fragments[fragment]

@@ -1,8 +1,24 @@
 """The round engine: collects validated pushes per fragment, closes rounds, commits versions.
 
-It knows nothing of gRPC. The server validates a push, hands a `Contribution` to `submit`, and
-the engine closes the fragment's round when a quorum of live islands (or the deadline) is reached:
-aggregate, outer step, quantized broadcast delta, persist, notify subscribers.
+It knows nothing of gRPC. The server validates a push and hands a `Contribution` (with the payload
+as received) to `submit`; the engine closes the fragment's round when a quorum of live islands (or
+the deadline) is reached: aggregate, outer step, divergence guard, quantized broadcast delta,
+persist, notify subscribers.
+
+Durability. A push is acknowledged only once it is durable: `submit` writes its payload to
+`state_dir/spill/` (fsynced) and records it in the state store as pending before it returns. A
+commit then writes the broadcast delta file and (every `checkpoint_every` versions) a checkpoint,
+and records the version, its push keys, their spill statuses, the delta, the checkpoint pointer and
+the engine's counters in one store transaction. A restarted coordinator (or a standby that took
+over) therefore loads the newest checkpoint, replays the committed versions after it from their
+spilled pushes (checking each replayed delta's sha256 against the recorded one), and re-queues
+the pushes still pending: the version never goes back past a commit, no acknowledged push is lost,
+and none is applied twice. Spilled pushes and delta files are deleted once a checkpoint covers them.
+
+Rollback (by the guard after repeated refusals, or by an operator) restores θ_g, θ_b and the outer
+momentum of a checkpoint bit for bit and sets the version back to it. Round numbers keep counting
+up (so push keys are never reused) and the timeline is bumped: versions after the target will be
+reused on the new timeline, so pushes and pulls from the old one are refused and islands reload.
 """
 
 from __future__ import annotations
@@ -10,27 +26,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 
 from archipelago.checkpoint import prune_checkpoints, read_checkpoint, write_checkpoint
 from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import Guard, first_non_finite, round_loss
 from coordinator.membership import Membership
 from coordinator.params import Contribution, ParamState
-from coordinator.store import SqliteStore
-from protos.codec import Payload
+from coordinator.spool import read_payload, remove, write_payload
+from coordinator.store import Key, Spill, StateStore
+from protos.codec import Payload, decode
 
 log = logging.getLogger(__name__)
 
 
 class StalePush(Exception):
     """A push that became too stale while it was streaming."""
+
+
+class OtherTimeline(Exception):
+    """A push whose base version belongs to a timeline a rollback abandoned."""
 
 
 @dataclass
@@ -48,10 +72,11 @@ class RoundEvent:
     fragment: int
     round: int
     message: str = ""
+    timeline: int = 0
 
 
 class RoundEngine:
-    def __init__(self, cfg: CoordinatorConfig, params: ParamState, store: SqliteStore,
+    def __init__(self, cfg: CoordinatorConfig, params: ParamState, store: StateStore,
                  membership: Membership, run_meta: dict[str, Any]) -> None:
         self.cfg = cfg
         self.params = params
@@ -60,25 +85,58 @@ class RoundEngine:
         self.run_meta = run_meta  # config hash, model config: recorded in every checkpoint
         self.num_fragments = len(params.fragments)
         self.aggregator = Aggregator(cfg, self.num_fragments)
+        self.guard = Guard(cfg, self.num_fragments)
         self.version = 0
+        self.timeline = 0
         self.rounds = [0] * self.num_fragments
         self.fragment_versions = [0] * self.num_fragments
-        self.pending: list[dict[tuple[str, int, int], Contribution]] = [{} for _ in range(self.num_fragments)]
+        self.pending: list[dict[Key, Contribution]] = [{} for _ in range(self.num_fragments)]
         self.opened_at = [time.monotonic()] * self.num_fragments
         self.deltas: deque[DeltaRecord] = deque(maxlen=cfg.delta_log)
         self.lock = asyncio.Lock()
         self.subscribers: set[asyncio.Queue[RoundEvent]] = set()
-        self.history: list[dict[str, Any]] = []
-        self.checkpoint_dir = Path(cfg.state_dir) / "checkpoints"
+        self.history: deque[dict[str, Any]] = deque(maxlen=200)
+        state_dir = Path(cfg.state_dir)
+        self.checkpoint_dir = state_dir / "checkpoints"
+        self.spill_dir = state_dir / "spill"
+        self.delta_dir = state_dir / "deltas"
+        self.replayed = 0  # versions recomputed from spilled pushes at the last restore
+        self.grace_until = 0.0  # after a restore: rounds wait this long for the known islands
 
     # ---- state ----------------------------------------------------------------------------------
 
     def restore(self) -> bool:
-        """Resume from the newest checkpoint in the state store; False when there is none."""
+        """Resume from the store: newest checkpoint, replay of the versions committed after it,
+        pending pushes re-queued. False when the store holds no checkpoint (a fresh run)."""
         latest = self.store.latest_checkpoint()
         if latest is None:
             return False
-        version, path = latest
+        self._load_checkpoint(latest[1])
+        spills = dict(self.store.spills())
+        for version, row in self.store.deltas():
+            if version <= self.version and Path(row["path"]).is_file():
+                self.deltas.append(DeltaRecord(version, row["fragment"], row["round"], read_payload(row["path"])))
+        for version, row in self.store.versions(after=self.version):
+            self._replay(version, row, spills)
+        self.timeline = int(self.store.get("timeline", 0))
+        self.rounds = list(self.store.get("rounds", self.rounds))
+        self.fragment_versions = list(self.store.get("fragment_versions", self.fragment_versions))
+        self.guard.load(self.store.get("guard"))
+        for key, spill in self.store.spills("pending"):
+            self.pending[key[2]][key] = self._contribution(key, spill)
+        self.opened_at = [time.monotonic()] * self.num_fragments
+        # Islands re-register one by one after a restart or failover: give them one lease TTL before
+        # a round closes without them (a round re-queued from before closes as soon as they are back).
+        self.grace_until = time.monotonic() + self.cfg.lease_ttl_s
+        entries = [{"kind": "committed", "version": v, "fragment": r["fragment"], "round": r["round"], **r["info"]}
+                   for v, r in self.store.versions()] + self.store.events()
+        self.history.extend(sorted(entries, key=lambda e: e.get("time", 0)))
+        log.info("resumed from %s at version %d (timeline %d): %d versions replayed from spilled pushes, "
+                 "%d pending pushes re-queued", latest[1], self.version, self.timeline, self.replayed,
+                 sum(len(p) for p in self.pending))
+        return True
+
+    def _load_checkpoint(self, path: str) -> dict[str, Any]:
         files, manifest = read_checkpoint(path)
         if manifest.get("config_hash") != self.run_meta["config_hash"]:
             raise RuntimeError(f"checkpoint {path} belongs to another run (config hash "
@@ -89,43 +147,94 @@ class RoundEngine:
         self.fragment_versions = list(manifest["fragment_versions"])
         if "update_norms" in manifest:
             self.aggregator.load(manifest["update_norms"])
-        self.store.truncate_after(self.version)
-        log.info("resumed from %s at version %d", path, self.version)
-        return True
+        return manifest
+
+    def _replay(self, version: int, row: dict[str, Any], spills: dict[Key, Spill]) -> None:
+        """Recompute committed version `version` from its spilled pushes, exactly as it was made."""
+        assert version == self.version + 1, f"version {version} cannot follow {self.version}"
+        fragment = row["fragment"]
+        keys = [(k[0], int(k[1]), int(k[2])) for k in row["keys"]]
+        missing = [k for k in keys if k not in spills]
+        if missing:
+            raise RuntimeError(f"cannot replay version {version}: spilled pushes {missing} are gone")
+        self._outer_step(fragment, [self._contribution(k, spills[k]) for k in keys])
+        payload, _ = self.params.broadcast_delta(fragment, self.cfg.broadcast_scheme)
+        if payload.header["body_sha256"] != row["info"]["delta_sha256"]:
+            raise RuntimeError(f"replaying version {version} gave another delta than the one committed "
+                               "(state directory inconsistent)")
+        self.version = version
+        self.fragment_versions[fragment] = version
+        self.deltas.append(DeltaRecord(version, fragment, row["round"], payload))
+        self.replayed += 1
+
+    def _contribution(self, key: Key, spill: Spill) -> Contribution:
+        payload = read_payload(spill.path)
+        delta = decode(payload, self.params.fragment_specs(key[2]))
+        return Contribution(key[0], key[1], key[2], spill.base_version, spill.tokens, spill.weight, delta,
+                            spill.loss_mean, spill.eval_loss, spill.compute_s)
+
+    def _write_checkpoint(self, version: int | None = None, rounds: list[int] | None = None,
+                          fragment_versions: list[int] | None = None) -> Path:
+        """The parameters now, as the state of `version` (default: the current one)."""
+        version = self.version if version is None else version
+        path = self.checkpoint_dir / f"v{version:08d}"
+        meta = {"kind": "coordinator", "version": version, "rounds": rounds or self.rounds,
+                "fragment_versions": fragment_versions or self.fragment_versions,
+                "update_norms": self.aggregator.state(), "timeline": self.timeline, **self.run_meta}
+        return write_checkpoint(path, self.params.tensors(), meta)
 
     def checkpoint(self) -> Path:
-        """Write θ_g, θ_b and the outer momentum at the current version (atomic)."""
-        path = self.checkpoint_dir / f"v{self.version:08d}"
-        meta = {"kind": "coordinator", "version": self.version, "rounds": self.rounds,
-                "fragment_versions": self.fragment_versions, "update_norms": self.aggregator.state(),
-                **self.run_meta}
-        write_checkpoint(path, self.params.tensors(), meta)
+        """Write θ_g, θ_b and the outer momentum at the current version (atomic) and record it."""
+        path = self._write_checkpoint()
         self.store.record_checkpoint(self.version, str(path))
-        prune_checkpoints(self.checkpoint_dir, "v", self.cfg.keep_checkpoints)
+        self._prune_checkpoints()
         return path
 
-    def applied(self, key: tuple[str, int, int]) -> bool:
-        return key in self.pending[key[2]] or self.store.was_applied(*key)
+    def received(self, key: Key) -> bool:
+        """True once a push with this key was taken (pending, applied, or refused by the guard)."""
+        if key in self.pending[key[2]] or self.store.was_applied(key):
+            return True
+        spill = self.store.spill(key)
+        return spill is not None and spill.status in ("pending", "refused")
+
+    def meta(self, version: int | None = None, rounds: list[int] | None = None,
+             fragment_versions: list[int] | None = None) -> dict[str, Any]:
+        return {"rounds": rounds or self.rounds, "fragment_versions": fragment_versions or self.fragment_versions,
+                "timeline": self.timeline, "version": self.version if version is None else version,
+                "guard": self.guard.state()}
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    async def submit(self, contribution: Contribution) -> int:
-        """Queue a validated contribution; close the round if that completes a quorum.
+    async def submit(self, contribution: Contribution, payload: Payload, timeline: int) -> int:
+        """Make a validated push durable and queue it; close the round if that completes a quorum.
 
-        Raises KeyError for a key already received, StalePush if versions committed while the
-        push was streaming made it older than the staleness limit.
+        Raises KeyError for a key already received, StalePush if versions committed while the push
+        was streaming made it older than the staleness limit, OtherTimeline after a rollback.
         """
         async with self.lock:
             key = (contribution.island_id, contribution.round, contribution.fragment)
-            if self.applied(key):
+            if timeline != self.timeline:
+                raise OtherTimeline(f"push is based on timeline {timeline}; the coordinator rolled back and is on "
+                                    f"timeline {self.timeline}: reload θ_b")
+            if self.received(key):
                 raise KeyError(key)
             staleness = self.version - contribution.base_version
             if staleness > self.cfg.staleness_limit:
                 raise StalePush(f"base version {contribution.base_version} is {staleness} versions old; "
                                 f"the staleness limit is {self.cfg.staleness_limit}")
+            await asyncio.to_thread(self._spill, key, contribution, payload)
+            if not self.pending[contribution.fragment]:  # the deadline runs from the round's first push
+                self.opened_at[contribution.fragment] = time.monotonic()
             self.pending[contribution.fragment][key] = contribution
             await self._maybe_close(contribution.fragment)
             return self.version
+
+    def _spill(self, key: Key, c: Contribution, payload: Payload) -> None:
+        island, round_, fragment = key
+        path = self.spill_dir / quote(island, safe="") / f"r{round_:012d}-f{fragment:04d}-t{self.timeline}.bin"
+        write_payload(path, payload)
+        self.store.add_pending(key, Spill(time.time_ns(), str(path), c.base_version, c.tokens, c.weight,
+                                          c.loss_mean, c.eval_loss, c.compute_s))
 
     def _ready(self, fragment: int) -> bool:
         pending = self.pending[fragment]
@@ -135,6 +244,8 @@ class RoundEngine:
         if len(contributors) < self.cfg.min_islands:
             return False
         live = set(self.membership.live())
+        if time.monotonic() < self.grace_until and not set(self.store.known_islands()) <= live | contributors:
+            return False
         if len(contributors & live) >= math.ceil(self.cfg.quorum * len(live)):
             return True
         return (self.cfg.round_deadline_s > 0 and
@@ -142,8 +253,8 @@ class RoundEngine:
 
     async def _maybe_close(self, fragment: int) -> None:
         if self._ready(fragment):
-            event = await asyncio.to_thread(self._close, fragment)
-            self.publish(event)
+            for event in await asyncio.to_thread(self._close, fragment):
+                self.publish(event)
 
     async def tick(self) -> None:
         """Called periodically: expire leases and close rounds they (or deadlines) unblocked."""
@@ -153,32 +264,140 @@ class RoundEngine:
             for fragment in range(self.num_fragments):
                 await self._maybe_close(fragment)
 
-    def _close(self, fragment: int) -> RoundEvent:
+    def _outer_step(self, fragment: int, contributions: list[Contribution]) -> dict[str, Any]:
+        """Aggregate and step θ_g in place; what the guard needs to judge it and to undo it."""
+        saved = self.params.save_fragment(fragment)
+        norms_before = self.aggregator.state()
+        grad, robust = self.aggregator(self.params, contributions, fragment)
+        stepped = self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
+        step_norm = math.sqrt(sum(float(((stepped[n] - saved["theta_g"][n]).double() ** 2).sum()) for n in stepped))
+        return {"saved": saved, "norms_before": norms_before, "grad": grad, "stepped": stepped,
+                "step_norm": step_norm, "robust": robust}
+
+    def _close(self, fragment: int) -> list[RoundEvent]:
+        keys = list(self.pending[fragment])
         contributions = list(self.pending[fragment].values())
         round_ = self.rounds[fragment]
-        grad, robust = self.aggregator(self.params, contributions, fragment)
-        self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
+        step = self._outer_step(fragment, contributions)
+        loss = round_loss([(c.loss_mean, c.eval_loss) for c in contributions])
+        reason = self.guard.check(fragment, step["grad"], step["stepped"], step["step_norm"], loss)
+        if reason is not None:
+            self.params.restore_fragment(step["saved"])
+            self.aggregator.load(step["norms_before"])
+            return self._refuse(fragment, round_, keys, contributions, reason, step["step_norm"], loss)
+        return [self._commit(fragment, round_, keys, contributions, step, loss)]
+
+    def _commit(self, fragment: int, round_: int, keys: list[Key], contributions: list[Contribution],
+                step: dict[str, Any], loss: float) -> RoundEvent:
+        # The new version becomes visible (status, heartbeats, registrations) only once it is durable.
         payload, update_norm = self.params.broadcast_delta(fragment, self.cfg.broadcast_scheme)
-        self.version += 1
-        self.fragment_versions[fragment] = self.version
-        self.rounds[fragment] = round_ + 1
+        version = self.version + 1
+        fragment_versions = [version if f == fragment else v for f, v in enumerate(self.fragment_versions)]
+        rounds = [round_ + 1 if f == fragment else r for f, r in enumerate(self.rounds)]
+        self.guard.committed(fragment, step["step_norm"], loss)
         info = {"islands": sorted({c.island_id for c in contributions}), "update_norm": update_norm,
-                "tokens": sum(c.tokens for c in contributions),
+                "step_norm": step["step_norm"], "tokens": sum(c.tokens for c in contributions),
                 "loss_mean": _mean([c.loss_mean for c in contributions]),
                 "eval_loss": _mean([c.eval_loss for c in contributions]),
-                "staleness": [self.version - 1 - c.base_version for c in contributions],
-                "time": time.time(), **robust}
-        keys = list(self.pending[fragment])
-        self.store.commit(self.version, fragment, round_, keys, info)
+                "staleness": [version - 1 - c.base_version for c in contributions],
+                "delta_sha256": payload.header["body_sha256"], "timeline": self.timeline,
+                "time": time.time(), **step["robust"]}
+        delta_path = write_payload(self.delta_dir / f"v{version:012d}-t{self.timeline}.bin", payload)
+        checkpoint = None
+        if self.cfg.checkpoint_every and version % self.cfg.checkpoint_every == 0:
+            checkpoint = str(self._write_checkpoint(version, rounds, fragment_versions))
+        self.store.commit(version, fragment, round_, keys, info, self.timeline,
+                          self.meta(version, rounds, fragment_versions),
+                          delta={"path": str(delta_path), "fragment": fragment, "round": round_},
+                          checkpoint=checkpoint)
+        self.version, self.rounds, self.fragment_versions = version, rounds, fragment_versions
         self.pending[fragment] = {}
         self.opened_at[fragment] = time.monotonic()
         self.deltas.append(DeltaRecord(self.version, fragment, round_, payload))
-        self.history.append({"version": self.version, "fragment": fragment, "round": round_, **info})
-        if self.cfg.checkpoint_every and self.version % self.cfg.checkpoint_every == 0:
-            self.checkpoint()
+        self.history.append({"kind": "committed", "version": self.version, "fragment": fragment, "round": round_,
+                             **info})
+        if checkpoint is not None:
+            self._forget_covered()
         log.info("version %d: fragment %d round %d from %s, |δ| %.4g", self.version, fragment, round_,
                  info["islands"], update_norm)
-        return RoundEvent("COMMITTED", self.version, fragment, round_)
+        return RoundEvent("COMMITTED", self.version, fragment, round_, timeline=self.timeline)
+
+    def _refuse(self, fragment: int, round_: int, keys: list[Key], contributions: list[Contribution],
+                reason: str, step_norm: float, loss: float) -> list[RoundEvent]:
+        in_a_row = self.guard.refused()
+        self.rounds[fragment] = round_ + 1
+        self.pending[fragment] = {}
+        self.opened_at[fragment] = time.monotonic()
+        event = {"kind": "refused", "version": self.version, "fragment": fragment, "round": round_,
+                 "reason": reason, "islands": sorted({c.island_id for c in contributions}),
+                 "step_norm": step_norm if math.isfinite(step_norm) else str(step_norm), "loss": loss,
+                 "refusals_in_a_row": in_a_row, "timeline": self.timeline, "time": time.time()}
+        self.store.refuse(keys, event, self.meta())
+        self.history.append(event)
+        log.warning("guard refused fragment %d round %d (%d in a row): %s", fragment, round_, in_a_row, reason)
+        events = [RoundEvent("SKIPPED", self.version, fragment, round_, reason, self.timeline)]
+        if self.guard.should_roll_back():
+            target = self.rollback_target()
+            events.append(self._rollback(target, f"guard: {in_a_row} refused rounds in a row (last: {reason})",
+                                         by="guard"))
+        return events
+
+    # ---- rollback -------------------------------------------------------------------------------
+
+    def rollback_target(self) -> int:
+        """The newest kept checkpoint older than the current version (the current one if none is)."""
+        kept = [v for v, p in self.store.checkpoints().items() if Path(p).is_dir()]
+        older = [v for v in kept if v < self.version]
+        return max(older) if older else max(kept)
+
+    async def rollback(self, version: int, reason: str, by: str) -> RoundEvent:
+        async with self.lock:
+            event = await asyncio.to_thread(self._rollback, version, reason, by)
+            self.publish(event)
+            return event
+
+    def _rollback(self, version: int, reason: str, by: str) -> RoundEvent:
+        """Restore the checkpoint of `version`; KeyError if no kept checkpoint holds it."""
+        table = self.store.checkpoints()
+        if version not in table or not Path(table[version]).is_dir():
+            raise KeyError(version)
+        previous, rounds = self.version, list(self.rounds)
+        self._load_checkpoint(table[version])
+        self.rounds = [r + 1 for r in rounds]  # round numbers never go back: push keys stay unique
+        self.timeline += 1
+        discarded = [list(k) for p in self.pending for k in p]
+        self.pending = [{} for _ in range(self.num_fragments)]
+        self.opened_at = [time.monotonic()] * self.num_fragments
+        self.deltas.clear()
+        self.guard.refusals = 0
+        event = {"kind": "rollback", "from_version": previous, "to_version": version, "timeline": self.timeline,
+                 "reason": reason, "by": by, "discarded": discarded, "time": time.time()}
+        self.store.rollback(version, event, self.meta())
+        for v, path in table.items():
+            if v > version:
+                shutil.rmtree(path, ignore_errors=True)
+        remove([row["path"] for v, row in self.store.deltas() if v > version])
+        self.history.append(event)
+        log.warning("rolled back from version %d to %d (timeline %d) by %s: %s", previous, version,
+                    self.timeline, by, reason)
+        return RoundEvent("ROLLBACK", version, -1, 0, reason, self.timeline)
+
+    # ---- housekeeping ---------------------------------------------------------------------------
+
+    def _forget_covered(self) -> None:
+        """After a checkpoint at the current version: spilled pushes it covers, old deltas, and
+        checkpoints beyond `keep_checkpoints` are no longer needed."""
+        done = [(k, s) for k, s in self.store.spills() if s.status in ("applied", "discarded", "refused")
+                and (s.status != "applied" or s.version <= self.version)]
+        old_deltas = [(v, row) for v, row in self.store.deltas() if v <= self.version - self.cfg.delta_log]
+        remove([s.path for _, s in done] + [row["path"] for _, row in old_deltas])
+        self.store.forget([k for k, s in done if s.status != "refused"], [v for v, _ in old_deltas])
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        prune_checkpoints(self.checkpoint_dir, "v", self.cfg.keep_checkpoints)
+        gone = [v for v, p in self.store.checkpoints().items() if not Path(p).is_dir()]
+        self.store.forget_checkpoints(gone)
 
     # ---- events and pulls -----------------------------------------------------------------------
 
@@ -206,7 +425,4 @@ def _mean(values: list[float]) -> float:
 
 def finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first tensor with a NaN or Inf, or None."""
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    return first_non_finite(tensors)

@@ -2,6 +2,15 @@
 
 Every input is validated here, at the trust boundary, before anything reaches the round engine;
 a refused call gets a gRPC status whose message names the problem, and changes nothing.
+
+A refusal that the island can repair by itself carries trailing metadata `archipelago-action`:
+`register` (its lease is unknown, fenced or expired: register again, e.g. after a coordinator
+restart or failover), `reload` (the coordinator rolled back: pull θ_b again) or `drop` (the push
+is too stale to apply: drop it and go on).
+
+With `coordinator.etcd` set, `serve` first wins the leader election (coordinator/etcd.py) and only
+then loads the state and opens its port; a standby waits in the election. A leader whose store
+write is fenced, or whose lease is lost, stops serving at once (exit status 3).
 """
 
 from __future__ import annotations
@@ -10,9 +19,12 @@ import asyncio
 import json
 import logging
 import math
+import os
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +37,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
 from coordinator.metrics import Metrics
 from coordinator.params import Contribution, ParamState
-from coordinator.rounds import RoundEngine, RoundEvent, StalePush, finite
+from coordinator.rounds import OtherTimeline, RoundEngine, RoundEvent, StalePush, finite
 from coordinator.security import server_credentials
-from coordinator.store import SqliteStore
+from coordinator.store import Fenced, StateStore, sqlite_store
 from coordinator.wire import ParseErrors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
@@ -38,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STATUS = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION",
-    "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE")}
+    "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE", "UNAVAILABLE")}
 
 
 def grpc_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
@@ -47,10 +59,18 @@ def grpc_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", cfg.max_message_bytes)]
 
 
+ACTION_KEY = "archipelago-action"  # trailing metadata: what the island should do about a refusal
+
+
 class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, action: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.action = action  # "" | "register" | "reload"
+
+
+class LostLeadership(Exception):
+    """This coordinator is no longer the leader of its run (fenced write or lost etcd lease)."""
 
 
 def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,7 +85,7 @@ def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 class Coordinator:
     """The state behind both services: membership, parameters, the round engine, metrics."""
 
-    def __init__(self, cfg: CoordinatorConfig, init: str | Path) -> None:
+    def __init__(self, cfg: CoordinatorConfig, init: str | Path, store: StateStore | None = None) -> None:
         self.cfg = cfg
         tokens = load_tokens(cfg.islands_file)
         for island, token in (tokens or {}).items():
@@ -76,7 +96,7 @@ class Coordinator:
         state_dir.mkdir(parents=True, exist_ok=True)
         theta, manifest = load_init(init)
         self.config_hash = manifest["config_hash"]
-        self.store = SqliteStore(state_dir / "state.sqlite")
+        self.store = store if store is not None else sqlite_store(state_dir)
         self.membership = Membership(self.store, cfg.lease_ttl_s, tokens)
         self.params = ParamState(theta, int(manifest["fragments"]))
         run_meta = {"config_hash": self.config_hash, "model": manifest.get("model"),
@@ -88,20 +108,35 @@ class Coordinator:
         self.metrics = Metrics(cfg.metrics_port)
         self.started = time.time()
         self.stopping = asyncio.Event()
-        self._digest: tuple[int, str] = (-1, "")
+        self.stop_reason = ""
+        self.lost_leadership = False
+        self._digest: tuple[int, int, str] = (-1, -1, "")
 
     def theta_b_digest(self) -> str:
-        if self._digest[0] != self.engine.version:
-            self._digest = (self.engine.version, digest(self.params.theta_b))
-        return self._digest[1]
+        key = (self.engine.version, self.engine.timeline)
+        if self._digest[:2] != key:
+            self._digest = (*key, digest(self.params.theta_b))
+        return self._digest[2]
 
     def lease(self, lease: pb.Lease) -> Member:
         try:
             member = self.membership.check(lease.island_id, lease.lease_id, lease.epoch)
         except LeaseError as exc:
-            raise Refused(exc.code, str(exc)) from exc
+            raise Refused(exc.code, str(exc), "register" if exc.code == "FAILED_PRECONDITION" else "") from exc
         self.membership.renew(member)
         return member
+
+    def fenced(self, exc: Exception) -> Refused:
+        """Stop serving: another coordinator leads the run now."""
+        self.lost_leadership = True
+        self.stop(f"{exc}")
+        return Refused("UNAVAILABLE", f"this coordinator is no longer the leader: {exc}")
+
+    def stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            log.log(logging.ERROR if self.lost_leadership else logging.INFO, "stopping: %s", reason)
+            self.stop_reason = reason
+            self.stopping.set()
 
     def fragment_states(self) -> list[pb.FragmentState]:
         e = self.engine
@@ -115,17 +150,27 @@ class Coordinator:
                                    bytes_out=m.bytes_out)
                    for m in self.membership.members.values()]
         latest = self.store.latest_checkpoint()
+        history = list(self.engine.history)
         detail = {"version": self.engine.version, "rounds": self.engine.rounds,
-                  "config_hash": self.config_hash, "resumed": self.resumed,
+                  "timeline": self.engine.timeline, "config_hash": self.config_hash, "resumed": self.resumed,
+                  "replayed_versions": self.engine.replayed,
+                  "pending_pushes": sum(len(p) for p in self.engine.pending),
                   "live_islands": self.membership.live(),
                   "last_checkpoint": latest[1] if latest else None,
-                  "uptime_s": time.time() - self.started, "history": self.engine.history[-50:]}
+                  "checkpoints": sorted(self.store.checkpoints()),
+                  "guard": {**self.engine.guard.state(),
+                            "decisions": [e for e in history if e.get("kind") in ("refused", "rollback")][-50:]},
+                  "uptime_s": time.time() - self.started, "history": history[-50:]}
         return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
                               islands=islands, json=json.dumps(detail))
 
     async def run_ticker(self) -> None:
         while not self.stopping.is_set():
-            await self.engine.tick()
+            try:
+                await self.engine.tick()
+            except Fenced as exc:
+                self.fenced(exc)
+                return
             self.metrics.observe(self)
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=min(0.25, self.cfg.lease_ttl_s / 4))
@@ -134,6 +179,8 @@ class Coordinator:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> None:
+    if exc.action:
+        context.set_trailing_metadata(((ACTION_KEY, exc.action),))
     await context.abort(STATUS[exc.code], str(exc))
 
 
@@ -165,19 +212,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(STATUS[exc.code], str(exc))
         except Refused as exc:
             await _abort(context, exc)
+        except Fenced as exc:
+            await _abort(context, c.fenced(exc))
         log.info("island %s registered (epoch %d)", member.island_id, member.epoch)
         return pb.RegisterReply(lease_id=member.lease_id, lease_ttl_s=c.cfg.lease_ttl_s, epoch=member.epoch,
                                 version=c.engine.version, fragments=c.fragment_states(),
                                 broadcast_scheme=c.cfg.broadcast_scheme,
                                 staleness_limit=c.cfg.staleness_limit,
-                                theta_b_sha256=c.theta_b_digest())
+                                theta_b_sha256=c.theta_b_digest(), timeline=c.engine.timeline,
+                                received_pushes=c.store.received_count(member.island_id))
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         try:
             self.c.lease(request.lease)
         except Refused as exc:
             await _abort(context, exc)
-        return pb.HeartbeatReply(version=self.c.engine.version, fragments=self.c.fragment_states())
+        return pb.HeartbeatReply(version=self.c.engine.version, fragments=self.c.fragment_states(),
+                                 timeline=self.c.engine.timeline)
 
     async def PullParams(self, request: pb.PullRequest, context) -> AsyncIterator[pb.PayloadPart]:
         c = self.c
@@ -190,13 +241,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             records = None if request.full else c.engine.deltas_since(request.since_version)
             if records is None:
                 version, payload = await asyncio.to_thread(c.engine.full_copy)
-                messages = payload_parts(payload, pb.PayloadHeader(version=version, fragment=-1, full=True),
-                                         c.cfg.chunk_bytes)
+                messages = payload_parts(payload, pb.PayloadHeader(version=version, fragment=-1, full=True,
+                                                                   timeline=c.engine.timeline), c.cfg.chunk_bytes)
             else:
                 messages = []
                 for r in records:
-                    messages += payload_parts(r.payload, pb.PayloadHeader(version=r.version, fragment=r.fragment,
-                                                                          full=False), c.cfg.chunk_bytes)
+                    messages += payload_parts(r.payload, pb.PayloadHeader(
+                        version=r.version, fragment=r.fragment, full=False, timeline=c.engine.timeline),
+                        c.cfg.chunk_bytes)
         for message in messages:
             member.bytes_out += message.ByteSize()
             yield message
@@ -204,12 +256,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def PushPseudoGrad(self, request_iterator, context) -> pb.PushReply:
         c = self.c
         try:
-            contribution, member, nbytes = await self._receive_push(request_iterator)
+            contribution, member, nbytes, payload, timeline = await self._receive_push(request_iterator)
             open_round = c.engine.rounds[contribution.fragment]
             try:
-                version = await c.engine.submit(contribution)
+                version = await c.engine.submit(contribution, payload, timeline)
+            except Fenced as exc:
+                raise c.fenced(exc) from exc
+            except OtherTimeline as exc:
+                raise Refused("FAILED_PRECONDITION", str(exc), "reload") from exc
             except StalePush as exc:
-                raise Refused("FAILED_PRECONDITION", str(exc)) from exc
+                raise Refused("FAILED_PRECONDITION", str(exc), "drop") from exc
             except KeyError as exc:
                 raise Refused("ALREADY_EXISTS", f"push for island '{contribution.island_id}' round "
                               f"{contribution.round} fragment {contribution.fragment} was already "
@@ -228,7 +284,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PushReply(accepted=True, round=contribution.round, version=version,
                             message=f"accepted for fragment {contribution.fragment}{late}")
 
-    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int]:
+    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int, Payload, int]:
         c = self.c
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -236,13 +292,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         h = first.header
         member = c.lease(h.lease)
         engine = c.engine
+        if h.codec_header_crc32 and zlib.crc32(h.codec_header) != h.codec_header_crc32:
+            raise Refused("DATA_LOSS", "the push's codec header fails its crc32 check (corrupted in transit)")
+        if h.timeline != engine.timeline:
+            raise Refused("FAILED_PRECONDITION", f"push from island '{member.island_id}' is based on timeline "
+                          f"{h.timeline}; the coordinator rolled back and is on timeline {engine.timeline}: "
+                          "reload θ_b", "reload")
         if h.fragment >= engine.num_fragments:
             raise Refused("INVALID_ARGUMENT", f"fragment {h.fragment} does not exist "
                           f"(the run has {engine.num_fragments})")
         if h.round > engine.rounds[h.fragment]:
             raise Refused("FAILED_PRECONDITION", f"round {h.round} of fragment {h.fragment} is not open "
                           f"(the open round is {engine.rounds[h.fragment]})")
-        if engine.applied((member.island_id, h.round, h.fragment)):
+        if engine.received((member.island_id, h.round, h.fragment)):
             raise Refused("ALREADY_EXISTS", f"push for island '{member.island_id}' round {h.round} "
                           f"fragment {h.fragment} was already received")
         if h.base_version > engine.version:
@@ -251,7 +313,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         staleness = engine.version - h.base_version
         if staleness > c.cfg.staleness_limit:
             raise Refused("FAILED_PRECONDITION", f"base version {h.base_version} is {staleness} versions "
-                          f"old; the staleness limit is {c.cfg.staleness_limit}")
+                          f"old; the staleness limit is {c.cfg.staleness_limit}", "drop")
         if h.body_len > c.cfg.max_payload_bytes:
             raise Refused("RESOURCE_EXHAUSTED", f"payload of {h.body_len} bytes exceeds the limit of "
                           f"{c.cfg.max_payload_bytes}")
@@ -298,8 +360,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if h.tokens == 0:
             raise Refused("INVALID_ARGUMENT", "a push must report the tokens it trained on (tokens=0)")
         weight = h.tokens * (c.cfg.staleness_discount ** staleness)
-        return Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
-                            h.loss_mean, h.eval_loss, h.compute_s), member, received
+        return (Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
+                             h.loss_mean, h.eval_loss, h.compute_s), member, received, payload, h.timeline)
 
     async def Subscribe(self, request: pb.SubscribeRequest, context) -> AsyncIterator[pb.Event]:
         c = self.c
@@ -314,7 +376,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             while True:
                 event = await queue.get()
                 yield pb.Event(kind=pb.Event.Kind.Value(event.kind), version=event.version,
-                               fragment=event.fragment, round=event.round, message=event.message)
+                               fragment=event.fragment, round=event.round, message=event.message,
+                               timeline=event.timeline)
                 if event.kind == "SHUTDOWN":
                     return
         finally:
@@ -359,7 +422,18 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Rollback(self, request: pb.RollbackRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rollback is not available in this version")
+        c, version = self.c, request.to_version
+        try:
+            event = await c.engine.rollback(version, f"operator rollback to version {version}", by="admin")
+        except KeyError:
+            kept = sorted(v for v, p in c.store.checkpoints().items() if Path(p).is_dir())
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"version {version} has no kept checkpoint to roll "
+                                f"back to (kept checkpoints: {kept}; the current version is {c.engine.version})")
+        except Fenced as exc:
+            await _abort(context, c.fenced(exc))
+        c.metrics.rollbacks.inc()
+        return pb.AdminReply(ok=True, message=f"rolled back to version {event.version} (timeline {event.timeline}); "
+                             "islands were told to reload", version=event.version)
 
     async def Checkpoint(self, request: pb.AdminRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
@@ -370,14 +444,58 @@ class AdminService(pb_grpc.AdminServicer):
     async def Shutdown(self, request: pb.AdminRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
         self.c.engine.publish(RoundEvent("SHUTDOWN", self.c.engine.version, -1, 0, "shutdown by operator"))
-        self.c.stopping.set()
+        self.c.stop("shutdown by operator")
         return pb.AdminReply(ok=True, message="shutting down", version=self.c.engine.version)
 
 
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def _watch_leadership(coord: Coordinator, election: Any) -> None:
+    while not coord.stopping.is_set():
+        if election.lost.is_set():
+            coord.lost_leadership = True
+            coord.stop(f"lost leadership: {election.lost_reason}")
+            return
+        await asyncio.sleep(0.1)
+
+
 async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event | None = None) -> None:
-    """Run the coordinator until an admin Shutdown (or cancellation)."""
+    """Run the coordinator until an admin Shutdown (or cancellation).
+
+    With `cfg.etcd`, first wait to win the leader election; raises `LostLeadership` if the run's
+    leadership passes to another coordinator while this one serves.
+    """
     credentials = server_credentials(cfg)  # before anything is loaded: a refused config fails fast
-    coord = Coordinator(cfg, init)
+    election = session = store = None
+    if cfg.etcd:
+        from coordinator.etcd import EtcdSession, LeaderElection, etcd_store
+
+        if not cfg.port:
+            cfg = replace(cfg, port=free_port(cfg.host))
+        session = await asyncio.to_thread(EtcdSession, cfg.etcd, cfg.etcd_prefix)
+        election = LeaderElection(session, cfg.etcd_lease_ttl_s, f"{cfg.host}:{cfg.port}")
+        log.info("standing for election in etcd %s (%s) as %s:%d", cfg.etcd, cfg.etcd_prefix, cfg.host, cfg.port)
+        campaign_stop = threading.Event()
+        try:
+            await asyncio.to_thread(election.campaign, campaign_stop)
+        except BaseException:
+            campaign_stop.set()
+            session.close()
+            raise
+        store = etcd_store(session, election.epoch)
+    try:
+        coord = Coordinator(cfg, init, store)
+    except BaseException:
+        if election is not None:
+            election.resign()
+            session.close()
+        raise
     server = grpc.aio.server(options=grpc_options(cfg), interceptors=[ParseErrors()])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coord), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
@@ -387,18 +505,31 @@ async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event |
         port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
     await server.start()
     address = f"{cfg.host}:{port}"
-    (Path(cfg.state_dir) / "address").write_text(address)
-    log.info("coordinator listening on %s (%s, version %d, %s)", address,
+    address_file = Path(cfg.state_dir) / "address"
+    tmp = address_file.with_name(f".address.tmp-{os.getpid()}")
+    tmp.write_text(address)
+    os.replace(tmp, address_file)
+    log.info("coordinator listening on %s (%s, version %d, timeline %d, %s%s)", address,
              "plaintext" if credentials is None else "mutual TLS" if cfg.tls_ca else "TLS",
-             coord.engine.version, "resumed" if coord.resumed else "fresh")
+             coord.engine.version, coord.engine.timeline, "resumed" if coord.resumed else "fresh",
+             f", leader epoch {election.epoch}" if election else "")
     if ready is not None:
         ready.set()
     ticker = asyncio.create_task(coord.run_ticker())
+    watcher = asyncio.create_task(_watch_leadership(coord, election)) if election is not None else None
     try:
         await coord.stopping.wait()
         await asyncio.sleep(0.2)  # let the SHUTDOWN events reach subscribers
     finally:
         coord.stopping.set()
         ticker.cancel()
-        await server.stop(grace=1.0)
+        if watcher is not None:
+            watcher.cancel()
+        await server.stop(grace=0.0 if coord.lost_leadership else 1.0)
         coord.store.close()
+        if election is not None:
+            if not coord.lost_leadership:
+                election.resign()
+            session.close()
+    if coord.lost_leadership:
+        raise LostLeadership(coord.stop_reason)

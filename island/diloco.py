@@ -12,14 +12,30 @@
 Inner optimizer state never leaves the island (DiLoCo, Douillard et al., arXiv:2311.08105;
 streaming fragments and overlap: Douillard et al., arXiv:2501.18512). The training thread is the
 only one that touches the model; the pusher and receiver threads only move bytes.
+
+Failures the client rides out by itself:
+- the coordinator is unreachable (restart, failover): every RPC retries with exponential backoff
+  for `reconnect_timeout_s`, trying each address of `--coordinator a:1,b:2` in turn;
+- its lease is gone (a restarted or new leader, an expired lease): it registers again (a new
+  epoch), re-sends what was not acknowledged under the new lease, and catches up on the versions it
+  missed; a push the coordinator already holds is answered ALREADY_EXISTS, which counts as done;
+- a push that arrives corrupted (DATA_LOSS: a chunk's crc32 or the body's sha256) is sent again;
+- the guard refused a round (SKIPPED): θ_b stays, the pseudo-gradient is dropped;
+- the coordinator rolled back (ROLLBACK, or a push refused for another timeline): the island pulls
+  the full θ_b and restarts its local state from it.
+A restarted island process (its epoch is above 1) resumes after the pushes the coordinator holds
+from it, with its data position and lr schedule moved to that round.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +81,9 @@ class DiLoCoConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # Append one JSON line per acknowledged push (and per start) to this file; "{island_id}" in it
+    # is replaced by the island's id. Empty: none. The chaos runs read it to count lost updates.
+    ack_log: str = ""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.fragments < 1 or self.rounds < 1:
@@ -122,6 +141,10 @@ class IslandStats:
     compute_s: float = 0.0
     blocked_s: float = 0.0
     reconnects: int = 0
+    rejoins: int = 0  # registrations after the first (lease lost: coordinator restart, failover)
+    skipped_rounds: int = 0  # rounds the coordinator's guard refused
+    reloads: int = 0  # full θ_b reloads ordered by a rollback
+    dropped_pushes: int = 0  # pushes of an abandoned timeline, never applied
     eval_curve: list[dict[str, float]] = field(default_factory=list)
     sync_log: list[dict[str, float]] = field(default_factory=list)
 
@@ -150,11 +173,18 @@ class DiLoCoClient:
         self.lease: pb.Lease | None = None
         self.ttl_s = 10.0
         self._stop = threading.Event()
-        self.channel = open_channel(address, options=[
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes)],
-            ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key)
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        self._address_index = 0
+        self._old_channels: list[grpc.Channel] = []
+        self.channel = self._open(self.addresses[0])
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.timeline = 0  # the coordinator timeline θ_b belongs to (bumped by rollbacks)
+        self.epoch = 0
+        self._join_lock = threading.RLock()
+        self._joined = False  # the first θ_b is in place
+        self._fetched = 0  # the newest version the receiver has fetched
+        self._compute_mark = 0.0
+        self._compute_of: dict[tuple[int, int], tuple[float, float]] = {}  # (compute s, synced at)
         self.loss_sum = 0.0
         self.loss_count = 0
         self.token_sum = 0  # tokens of the inner steps since the last sync (steps may differ)
@@ -173,8 +203,10 @@ class DiLoCoClient:
         # Join the fragment schedule where the run is: the fragment whose open round is oldest.
         first = min(range(self.cfg.fragments), key=lambda f: (self.rounds[f], f))
         order = [(first + i) % self.cfg.fragments for i in range(self.cfg.fragments)]
+        start = self.resume_round()
+        self.log_ack({"event": "start", "epoch": self.epoch, "round": start, "version": self.version})
         try:
-            for round_ in range(self.cfg.rounds):
+            for round_ in range(start, self.cfg.rounds):
                 per_fragment = self.cfg.steps_in_round(round_) // self.cfg.fragments
                 for fragment in order:
                     self.inner_steps(per_fragment)
@@ -185,6 +217,31 @@ class DiLoCoClient:
         finally:
             self.close()
         return self.stats
+
+    def resume_round(self) -> int:
+        """The first outer round this process runs: 0, or for a restarted island process (the
+        coordinator knew it before: epoch > 1) the round after the pushes the coordinator holds from
+        it, with the trainer's step and data position moved there so that its lr schedule and data
+        go on where they were."""
+        if self.epoch <= 1 or self.trainer.step:
+            return 0
+        start = min(self.received_pushes // self.cfg.fragments, self.cfg.rounds)
+        steps = self.cfg.steps_before(start)
+        self.trainer.step = steps
+        loader = getattr(self.trainer, "loader", None)
+        if loader is not None and loader.batches_per_epoch:
+            loader.epoch, batch = divmod(steps, loader.batches_per_epoch)
+            loader.position = batch * loader.batch_size
+        log.info("island %s restarted: joining at round %d (inner step %d)", self.island_id, start, steps)
+        return start
+
+    def log_ack(self, record: dict[str, Any]) -> None:
+        if not self.cfg.ack_log:
+            return
+        path = self.cfg.ack_log.replace("{island_id}", self.island_id)
+        line = json.dumps({"island": self.island_id, "pid": os.getpid(), "t": time.time(), **record})
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
 
     def inner_steps(self, steps: int) -> None:
         for _ in range(steps):
@@ -232,7 +289,9 @@ class DiLoCoClient:
         payload, _ = self.feedback[fragment].encode(delta, self.cfg.codec)
         round_ = self.rounds[fragment]
         self.outstanding[fragment] = round_
-        tokens, loss_mean = self.token_sum, self.mean_loss()
+        self._compute_of[(fragment, round_)] = (self.stats.compute_s - self._compute_mark, time.time())
+        self._compute_mark = self.stats.compute_s
+        tokens, loss_mean = self.tokens_since_sync(), self.mean_loss()
         self.loss_sum, self.loss_count, self.token_sum = 0.0, 0, 0
         self.pushes.append(self.pusher.submit(self.push, fragment, round_, self.base_version[fragment],
                                               payload, tokens, loss_mean))
@@ -241,6 +300,10 @@ class DiLoCoClient:
         self.stats.blocked_s += time.perf_counter() - start
         self.stats.sync_log.append({"fragment": fragment, "round": round_, "version": self.version,
                                     "seconds": time.perf_counter() - start})
+
+    def tokens_since_sync(self) -> int:
+        """Tokens the island trained on since its last sync (the push's weight)."""
+        return self.token_sum
 
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else float("nan")
@@ -273,12 +336,39 @@ class DiLoCoClient:
                 tokens=tokens, loss_mean=loss_mean, eval_loss=float("nan"), scheme=payload.header["scheme"],
                 codec_header=payload.header_bytes(), body_len=len(payload.body),
                 body_sha256=payload.header["body_sha256"], num_chunks=len(chunks),
-                compute_s=self.stats.compute_s))
+                compute_s=self.stats.compute_s, timeline=timeline,
+                codec_header_crc32=zlib.crc32(payload.header_bytes())))
             for c in chunks:
                 yield pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
 
-        reply = self.call(lambda: self.stub.PushPseudoGrad(messages()))
+        timeline = self.timeline
+        compute_s, synced_at = self._compute_of.pop((fragment, round_), (0.0, time.time()))
+        record = {"round": round_, "fragment": fragment, "base_version": base_version, "compute_s": compute_s,
+                  "synced_at": synced_at, "timeline": timeline}
+        try:
+            reply = self.call(lambda: self.stub.PushPseudoGrad(messages()), resend=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # a retry of a push the coordinator holds
+                log.info("island %s: fragment %d round %d was already received", self.island_id, fragment, round_)
+                self.stats.pushes += 1
+                self.log_ack({"event": "push", **record, "version": -1, "message": exc.details()})
+                return
+            if _action(exc) == "drop":  # too stale to apply (a straggler): the island goes on
+                log.warning("island %s: push of fragment %d round %d dropped: %s", self.island_id, fragment,
+                            round_, exc.details())
+                self.stats.dropped_pushes += 1
+                self.log_ack({"event": "dropped", **record, "message": exc.details()})
+                return
+            if _action(exc) == "reload":  # computed on a timeline a rollback abandoned
+                log.warning("island %s: push of fragment %d round %d dropped: %s", self.island_id, fragment,
+                            round_, exc.details())
+                self.stats.dropped_pushes += 1
+                self.log_ack({"event": "dropped", **record, "message": exc.details()})
+                self.events.put(pb.Event(kind=pb.Event.ROLLBACK, message="push refused for another timeline"))
+                return
+            raise
         self.stats.pushes += 1
+        self.log_ack({"event": "push", **record, "version": reply.version, "message": reply.message})
         log.info("island %s pushed fragment %d round %d (%s)", self.island_id, fragment, round_, reply.message)
 
     # ---- pulls and merges -----------------------------------------------------------------------
@@ -302,8 +392,10 @@ class DiLoCoClient:
         return out
 
     def _receive(self) -> None:
-        """Receiver thread: on each commit event, fetch the new deltas for the training thread."""
-        fetched = self.version
+        """Receiver thread: on each commit event (or a resync after a reconnect), fetch the new
+        deltas for the training thread; on a rollback, the full θ_b; pass guard skips along."""
+        fetched, timeline = self.version, self.timeline
+        self._fetched = fetched
         try:
             while not self._stop.is_set():
                 try:
@@ -312,11 +404,23 @@ class DiLoCoClient:
                     continue
                 if event.kind == pb.Event.SHUTDOWN:
                     raise RuntimeError(f"coordinator shut down: {event.message}")
-                if event.kind == pb.Event.COMMITTED and event.version > fetched:
-                    for header, tensors in self.fetch(fetched):
-                        self.arrivals.put((header, tensors))
-                        fetched = header.version
+                if event.kind == pb.Event.SKIPPED:
+                    self.arrivals.put(("skip", event))
                     self.arrived.set()
+                    continue
+                reload = event.kind == pb.Event.ROLLBACK or (event.kind == pb.Event.COMMITTED and
+                                                             event.timeline != timeline)
+                resync = event.kind == pb.Event.UNKNOWN  # after a reconnect: whatever was missed
+                if not (reload or resync or (event.kind == pb.Event.COMMITTED and event.version > fetched)):
+                    continue
+                records = self.fetch(fetched, full=reload)
+                if any(h.timeline != timeline for h, _ in records) and not reload:
+                    records = self.fetch(fetched, full=True)  # rolled back meanwhile
+                for header, tensors in records:
+                    self.arrivals.put((header, tensors))
+                    fetched, timeline = header.version, header.timeline
+                self._fetched = fetched
+                self.arrived.set()
         except Exception as exc:  # surfaced on the training thread by wait_until
             if not self._stop.is_set():
                 self.receiver_error = exc
@@ -328,7 +432,45 @@ class DiLoCoClient:
                 header, tensors = self.arrivals.get_nowait()
             except queue.Empty:
                 return
-            self.apply_payload(header, tensors)
+            if header == "skip":
+                self.apply_skip(tensors)
+            else:
+                self.apply_payload(header, tensors)
+
+    @torch.no_grad()
+    def apply_skip(self, event: pb.Event) -> None:
+        """The guard refused `event.round` of `event.fragment`: θ_b stays; the round moves on and the
+        pseudo-gradient's progress is dropped (θ_local ← θ_b + what was trained since the snapshot)."""
+        fragment, round_ = event.fragment, event.round
+        if self.rounds[fragment] != round_:
+            return
+        snapshot = self.snapshots.pop(fragment, None)
+        if snapshot is not None:
+            for n in self.fragments[fragment]:
+                self.local[n].copy_(self.theta_b[n] + (self.local[n] - snapshot[n]))
+        self.rounds[fragment] += 1
+        if self.outstanding.get(fragment) == round_:
+            self.outstanding.pop(fragment)
+        self.stats.skipped_rounds += 1
+        log.warning("island %s: the coordinator refused fragment %d round %d (%s); θ_b stays at version %d",
+                    self.island_id, fragment, round_, event.message, self.version)
+
+    def after_full_copy(self, header: pb.PayloadHeader) -> None:
+        """A full θ_b replaced the island's: after a rollback (another timeline) the local state
+        restarts from it; either way the open rounds are the coordinator's now."""
+        if header.timeline != self.timeline:
+            self.timeline = header.timeline
+            self.outstanding.clear()
+            self.feedback = [ErrorFeedback() for _ in range(self.cfg.fragments)]
+            self.stats.reloads += 1
+            log.warning("island %s reloaded θ_b at version %d (timeline %d) after a rollback", self.island_id,
+                        header.version, header.timeline)
+        reply = self.call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(lease=self.lease), timeout=self.ttl_s))
+        rounds = [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)]
+        for fragment, round_ in list(self.outstanding.items()):
+            if rounds[fragment] > round_:  # that round closed: the full copy holds its outcome
+                self.outstanding.pop(fragment)
+        self.rounds = rounds
 
     @torch.no_grad()
     def apply_payload(self, header: pb.PayloadHeader, tensors: dict[str, torch.Tensor]) -> None:
@@ -339,6 +481,8 @@ class DiLoCoClient:
             self.version = header.version
             self.base_version = [header.version] * self.cfg.fragments
             self.snapshots.clear()
+            if self._joined:
+                self.after_full_copy(header)
             return
         if header.version != self.version + 1:
             raise RuntimeError(f"delta for version {header.version} cannot follow version {self.version}")
@@ -364,6 +508,9 @@ class DiLoCoClient:
             island_id=self.island_id, token=self.token, config_hash=self.config_hash)), register=False)
         self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
         self.ttl_s = reply.lease_ttl_s
+        self.epoch = reply.epoch
+        self.received_pushes = reply.received_pushes
+        self.timeline = reply.timeline
         self.rounds = [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)]
         self.start_background()
         if reply.theta_b_sha256 and reply.theta_b_sha256 == digest(self.local) and not self.theta_b:
@@ -374,6 +521,7 @@ class DiLoCoClient:
         else:
             for header, tensors in self.fetch(self.version, full=True):
                 self.apply_payload(header, tensors)
+        self._joined = True
         threading.Thread(target=self._receive, name="receiver", daemon=True).start()
         log.info("island %s registered (epoch %d) at version %d", self.island_id, reply.epoch, self.version)
 
@@ -382,37 +530,117 @@ class DiLoCoClient:
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
     def _subscribe(self) -> None:
+        lost = False
         while not self._stop.is_set():
+            lease, stub = self.lease, self.stub
             try:
-                for event in self.stub.Subscribe(pb.SubscribeRequest(lease=self.lease)):
+                stream = stub.Subscribe(pb.SubscribeRequest(lease=lease))
+                if lost:  # whatever happened while the stream was down: the receiver catches up
+                    self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
+                for event in stream:
+                    lost = False
                     self.events.put(event)
                     if event.kind == pb.Event.SHUTDOWN:
                         return
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
+                lost = True
                 log.warning("subscription lost (%s); retrying", exc.code())
+                try:
+                    if _action(exc) == "register":
+                        self.rejoin(lease)
+                    elif exc.code() in RETRYABLE and stub is self.stub:
+                        self._next_address()
+                except grpc.RpcError as again:
+                    log.warning("re-registration failed (%s); retrying", again.code())
                 self._stop.wait(0.5)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
+            lease = self.lease
             try:
-                self.stub.Heartbeat(pb.HeartbeatRequest(lease=self.lease), timeout=self.ttl_s)
+                reply = self.stub.Heartbeat(pb.HeartbeatRequest(lease=lease), timeout=self.ttl_s)
             except grpc.RpcError as exc:
                 log.warning("heartbeat failed: %s", exc.code())
+                try:
+                    if _action(exc) == "register":
+                        self.rejoin(lease)
+                except grpc.RpcError as again:
+                    log.warning("re-registration failed (%s)", again.code())
+                continue
+            self.check_drift(reply)
 
-    def call(self, fn, register: bool = True):
-        """Run an RPC, retrying with exponential backoff while the coordinator is unreachable."""
+    def check_drift(self, reply: pb.HeartbeatReply) -> None:
+        """Catch what a lost event stream missed: commits, a rollback, guard skips."""
+        if reply.timeline != self.timeline:
+            self.events.put(pb.Event(kind=pb.Event.ROLLBACK, version=reply.version, timeline=reply.timeline))
+            return
+        if reply.version > self._fetched:
+            self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
+            return
+        outstanding = dict(list(self.outstanding.items()))  # the training thread changes it
+        for fs in reply.fragments:
+            round_ = outstanding.get(fs.fragment)
+            if round_ is not None and fs.round > round_ and fs.version <= self._fetched:
+                self.events.put(pb.Event(kind=pb.Event.SKIPPED, fragment=fs.fragment, round=round_,
+                                         version=reply.version, message="round closed without a commit"))
+
+    def rejoin(self, stale: pb.Lease | None) -> None:
+        """Register again (a new epoch) unless another thread already did since `stale` failed."""
+        with self._join_lock:
+            if self.lease is not stale:
+                return
+            reply = self.call(lambda: self.stub.Register(pb.RegisterRequest(
+                island_id=self.island_id, token=self.token, config_hash=self.config_hash)), register=False)
+            self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
+            self.epoch = reply.epoch
+            self.stats.rejoins += 1
+            log.warning("island %s registered again (epoch %d) at coordinator version %d, timeline %d",
+                        self.island_id, reply.epoch, reply.version, reply.timeline)
+            if reply.timeline != self.timeline:
+                self.events.put(pb.Event(kind=pb.Event.ROLLBACK, version=reply.version, timeline=reply.timeline))
+            else:
+                self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
+
+    def _open(self, address: str) -> grpc.Channel:
+        return open_channel(address, options=[
+            ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", self.cfg.max_message_bytes)],
+            ca=self.cfg.tls_ca, cert=self.cfg.tls_cert, key=self.cfg.tls_key)
+
+    def _next_address(self) -> None:
+        """Try the next coordinator address (with one address: keep the channel, it reconnects)."""
+        if len(self.addresses) < 2:
+            return
+        with self._join_lock:
+            self._address_index = (self._address_index + 1) % len(self.addresses)
+            self._old_channels.append(self.channel)  # calls in flight on it finish or fail by themselves
+            self.channel = self._open(self.addresses[self._address_index])
+            self.stub = pb_grpc.CoordinatorStub(self.channel)
+            log.warning("island %s: trying coordinator %s", self.island_id, self.addresses[self._address_index])
+
+    def call(self, fn, register: bool = True, resend: bool = False):
+        """Run an RPC, retrying with exponential backoff while the coordinator is unreachable
+        (trying each address in turn), registering again when the lease is gone, and, with
+        `resend`, sending again what arrived corrupted (DATA_LOSS)."""
         deadline = time.monotonic() + self.cfg.reconnect_timeout_s
         delay = 0.2
         while True:
+            lease, stub = self.lease, self.stub
             try:
                 return fn()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or time.monotonic() + delay > deadline:
+                if register and _action(exc) == "register" and time.monotonic() < deadline:
+                    self.rejoin(lease)
+                    continue
+                retry = exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
+                if not retry or time.monotonic() + delay > deadline:
                     raise
                 self.stats.reconnects += 1
-                log.warning("coordinator unreachable (%s); retrying in %.1fs", exc.code(), delay)
+                log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
+                if exc.code() in RETRYABLE and stub is self.stub:
+                    self._next_address()
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -420,3 +648,14 @@ class DiLoCoClient:
         self._stop.set()
         self.pusher.shutdown(wait=False, cancel_futures=True)
         self.channel.close()
+        for channel in self._old_channels:
+            channel.close()
+
+
+def _action(exc: grpc.RpcError) -> str:
+    """What the coordinator asks the island to do about a refusal (trailing metadata), or ""."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # not a call error (e.g. a local failure): no advice
+        return ""
+    return next((value for key, value in metadata if key == "archipelago-action"), "")

@@ -13,15 +13,22 @@ from archipelago import config as cfglib
 from archipelago.checkpoint import write_checkpoint
 from archipelago.runinfo import run_metadata, write_json
 from island.diloco import DiLoCoClient, DiLoCoConfig, run_config_hash, synced_tensors
+from island.replica import ReplicaGroupsConfig, check_island_layout, is_replicated
 from island.train import Trainer, TrainJobConfig
 from protos.broadcast import digest
 
 
 @dataclass
 class IslandJobConfig(TrainJobConfig):
-    """A local training job plus the `[diloco]` table: what one island process runs."""
+    """A local training job plus the `[diloco]` table: what one island process runs; and the
+    `[island]` table when the island is several replica groups (island/replica.py)."""
 
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    island: ReplicaGroupsConfig = field(default_factory=ReplicaGroupsConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_island_layout(self, self.island)
 
     @property
     def total_inner_steps(self) -> int:
@@ -69,25 +76,48 @@ def check_island_index(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archipelago island", description=__doc__)
     sub = p.add_subparsers(dest="action", required=True)
-    for name in ("init", "run"):
+    from island import launch
+
+    for name in ("init", "run", "gateway", "replica"):
         s = sub.add_parser(name)
         s.add_argument("--preset", default="ci")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--fragments", type=int, help="override diloco.fragments")
+        launch.add_layout_arguments(s)
     init = sub.choices["init"]
     init.add_argument("--out", required=True, help="folder for the initial model checkpoint")
     add_run_arguments(sub.choices["run"])
+    launch.add_head_arguments(sub.choices["run"])
+    # An island of replica groups on a cluster: its head (gateway + Lighthouse) and, under
+    # torchrun once per group, its ranks.
+    sub.choices["gateway"].description = "the island's head: DiLoCo client and torchft Lighthouse"
+    add_run_arguments(sub.choices["gateway"])
+    launch.add_head_arguments(sub.choices["gateway"])
+    sub.choices["replica"].description = "one rank of one replica group (run under torchrun)"
+    launch.add_replica_arguments(sub.choices["replica"])
     return p
 
 
 def main(argv: list[str]) -> int:
+    from island import launch
+
     args = parser().parse_args(argv)
+    args.overrides = [*args.overrides, *launch.layout_overrides(args)]
     job = load_job(args.preset, args.overrides, args.fragments)
+    if args.action == "replica":
+        launch.run_rank(args, job)
+        return 0
     if args.action == "init":
         path = write_initial_model(job, args.out)
         print(f"initial model written to {path}")
         return 0
     check_island_index(args)
+    if args.action == "gateway":
+        launch.run_head(args, job)
+        return 0
+    if is_replicated(job.island, job):
+        launch.run_local_island(args, job)
+        return 0
     trainer = Trainer(job, island_id=args.island_index, num_islands=args.num_islands,
                       total_steps=job.total_inner_steps)
     run_island(args, job, trainer)
@@ -95,13 +125,14 @@ def main(argv: list[str]) -> int:
 
 
 def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
-               extra: Any = None) -> dict[str, Any]:
+               extra: Any = None, make_client: Any = DiLoCoClient) -> dict[str, Any]:
     """Run `trainer` as island `args.island_id` under the DiLoCo client; write and return its report.
 
     `extra(trainer, stats)`, when given, adds fields to the report (post-training's rewards).
+    `make_client` builds the client (the island gateway of replica groups builds its own).
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
-    client = DiLoCoClient(job.diloco, trainer, args.coordinator, args.island_id, args.token)
+    client = make_client(job.diloco, trainer, args.coordinator, args.island_id, args.token)
     stats = client.run()
     report = {
         "island_id": args.island_id, "island_index": args.island_index, "rounds": stats.rounds,

@@ -18,7 +18,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, island_id: _Optional[str] = ..., token: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit", "theta_b_sha256")
+    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit", "theta_b_sha256", "timeline", "received_pushes")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,8 @@ class RegisterReply(_message.Message):
     BROADCAST_SCHEME_FIELD_NUMBER: _ClassVar[int]
     STALENESS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     THETA_B_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_PUSHES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     lease_ttl_s: float
     epoch: int
@@ -35,7 +37,9 @@ class RegisterReply(_message.Message):
     broadcast_scheme: str
     staleness_limit: int
     theta_b_sha256: str
-    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ..., theta_b_sha256: _Optional[str] = ...) -> None: ...
+    timeline: int
+    received_pushes: int
+    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ..., theta_b_sha256: _Optional[str] = ..., timeline: _Optional[int] = ..., received_pushes: _Optional[int] = ...) -> None: ...
 
 class FragmentState(_message.Message):
     __slots__ = ("fragment", "round", "version")
@@ -64,14 +68,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("version", "fragments", "reload")
+    __slots__ = ("version", "fragments", "reload", "timeline")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     RELOAD_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     version: int
     fragments: _containers.RepeatedCompositeFieldContainer[FragmentState]
     reload: bool
-    def __init__(self, version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., reload: _Optional[bool] = ...) -> None: ...
+    timeline: int
+    def __init__(self, version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., reload: _Optional[bool] = ..., timeline: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("lease", "full", "since_version")
@@ -92,7 +98,7 @@ class PayloadPart(_message.Message):
     def __init__(self, header: _Optional[_Union[PayloadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PayloadHeader(_message.Message):
-    __slots__ = ("version", "fragment", "full", "codec_header", "body_len", "body_sha256", "num_chunks")
+    __slots__ = ("version", "fragment", "full", "codec_header", "body_len", "body_sha256", "num_chunks", "timeline")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +106,7 @@ class PayloadHeader(_message.Message):
     BODY_LEN_FIELD_NUMBER: _ClassVar[int]
     BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     version: int
     fragment: int
     full: bool
@@ -107,7 +114,8 @@ class PayloadHeader(_message.Message):
     body_len: int
     body_sha256: str
     num_chunks: int
-    def __init__(self, version: _Optional[int] = ..., fragment: _Optional[int] = ..., full: _Optional[bool] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    timeline: int
+    def __init__(self, version: _Optional[int] = ..., fragment: _Optional[int] = ..., full: _Optional[bool] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., timeline: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data", "crc32")
@@ -120,7 +128,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("lease", "fragment", "round", "base_version", "tokens", "loss_mean", "eval_loss", "scheme", "codec_header", "body_len", "body_sha256", "num_chunks", "compute_s")
+    __slots__ = ("lease", "fragment", "round", "base_version", "tokens", "loss_mean", "eval_loss", "scheme", "codec_header", "body_len", "body_sha256", "num_chunks", "compute_s", "timeline", "codec_header_crc32")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +142,8 @@ class PushHeader(_message.Message):
     BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_HEADER_CRC32_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     fragment: int
     round: int
@@ -147,7 +157,9 @@ class PushHeader(_message.Message):
     body_sha256: str
     num_chunks: int
     compute_s: float
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_mean: _Optional[float] = ..., eval_loss: _Optional[float] = ..., scheme: _Optional[str] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    timeline: int
+    codec_header_crc32: int
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_mean: _Optional[float] = ..., eval_loss: _Optional[float] = ..., scheme: _Optional[str] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., compute_s: _Optional[float] = ..., timeline: _Optional[int] = ..., codec_header_crc32: _Optional[int] = ...) -> None: ...
 
 class PushPart(_message.Message):
     __slots__ = ("header", "chunk")
@@ -176,7 +188,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("kind", "version", "fragment", "round", "message")
+    __slots__ = ("kind", "version", "fragment", "round", "message", "timeline")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[Event.Kind]
@@ -194,12 +206,14 @@ class Event(_message.Message):
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     kind: Event.Kind
     version: int
     fragment: int
     round: int
     message: str
-    def __init__(self, kind: _Optional[_Union[Event.Kind, str]] = ..., version: _Optional[int] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    timeline: int
+    def __init__(self, kind: _Optional[_Union[Event.Kind, str]] = ..., version: _Optional[int] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., message: _Optional[str] = ..., timeline: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("island_id", "token")

@@ -17,7 +17,8 @@ from sim.run import SimConfig, simulate
 SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss",
            "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
            "compute_utilization", "peak_wan_bits_per_s", "fp32_sync_to_compute_ratio", "codec",
-           "theta_b_identical", "wall_s")
+           "theta_b_identical", "replica_groups", "ranks_per_group", "expert_parallel",
+           "intra_island_failures", "intra_island_recoveries", "wall_s")
 
 
 def parser() -> argparse.ArgumentParser:

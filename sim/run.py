@@ -27,7 +27,7 @@ from coordinator.config import CoordinatorConfig
 from island.data import open_dataset
 from island.model import ModelConfig, Transformer
 from island.run_cli import IslandJobConfig, write_initial_model
-from island.train import Trainer, model_tensors
+from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
@@ -184,7 +184,7 @@ def evaluate_global(cfg: SimConfig, coord_dir: Path) -> tuple[float, int, str]:
     """Eval loss of θ_g from the coordinator's newest checkpoint, its version, and θ_b's digest."""
     newest = sorted((coord_dir / "checkpoints").glob("v*"))[-1]
     files, manifest = read_checkpoint(newest)
-    trainer = Trainer(cfg)
+    trainer = Trainer(one_process(cfg))
     tensors = dict(trainer.model.named_parameters()) | dict(trainer.model.named_buffers())
     for name, value in files["theta_g.safetensors"].items():
         tensors[name].copy_(value)
@@ -212,10 +212,17 @@ def synced_numel(model_cfg: ModelConfig) -> int:
             sum(b.numel() for n, b in model.named_buffers() if n in persistent and b.is_floating_point()))
 
 
+def one_process(cfg: SimConfig) -> SimConfig:
+    """The job as one process trains it (the baseline, the warm start, evaluation), whatever the
+    islands' replica groups and ranks."""
+    return replace(cfg, parallel=ParallelConfig())
+
+
 def warm_start(cfg: SimConfig, out: Path) -> tuple[Transformer, Path, dict[str, Any]]:
     """Train θ_0 locally for `sim.warmstart_steps` steps; (model, its checkpoint folder, facts)."""
     k = cfg.sim.warmstart_steps
-    job = replace(cfg, optim=replace(cfg.optim, schedule="constant", warmup_steps=min(cfg.optim.warmup_steps, k)))
+    job = replace(one_process(cfg), optim=replace(cfg.optim, schedule="constant",
+                                                  warmup_steps=min(cfg.optim.warmup_steps, k)))
     trainer = Trainer(job, total_steps=k)
     start = time.perf_counter()
     for _ in range(k):
@@ -263,10 +270,16 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         "diloco_eval_curve": [{"tokens": cfg.diloco.steps_before(p["round"]) * n * tokens_per_step, "loss": p["loss"],
                                "version": p["version"]} for p in result["islands"][0]["eval_curve"]],
     }
+    if cfg.island.num_replica_groups > 1 or cfg.parallel.num_ranks > 1:  # islands of replica groups
+        report.update({key: result["islands"][0][key] for key in ("replica_groups", "ranks_per_group",
+                                                                   "expert_parallel")})
+        report.update({key: sum(i[key] for i in result["islands"]) for key in (
+            "intra_island_failures", "intra_island_recoveries")})
+        report["replicas_identical_at_syncs"] = all(i["replicas_identical_at_syncs"] for i in result["islands"])
     if cfg.sim.baseline == "ddp":
         from sim.ddp import run_ddp
 
-        ddp = run_ddp(cfg, n, steps, out / "ddp", eval_every=h,
+        ddp = run_ddp(one_process(cfg), n, steps, out / "ddp", eval_every=h,
                       timeout_s=cfg.sim.timeout_s, init=warm[1] if warm else None)
         report.update({
             "baseline_eval_loss": ddp["final_eval_loss"],

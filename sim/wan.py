@@ -5,6 +5,11 @@ the counts are what would cross the WAN. A timeline of bytes per 100 ms is kept 
 peak rates. With a `WanSpec` each direction is shaped like a WAN link: a token bucket at the link
 rate, a one-way latency with jitter (delivery stays in order, as TCP's does), and loss, which a
 TCP stream shows the application as a retransmission delay on the affected segment.
+
+Two faults for the chaos runs (sim/faults.py): `partition(True)` cuts the link (open connections
+are reset, new ones refused: the island sees UNAVAILABLE) until `partition(False)`; and
+`corrupt_next()` flips one byte late in the next large segment going up (a push's chunk data, in
+practice), which the coordinator must catch by checksum.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class LinkStats:
     bytes_up: int = 0  # island -> coordinator
     bytes_down: int = 0  # coordinator -> island
     timeline: dict[int, int] = field(default_factory=dict)  # 100 ms bucket -> bytes (both ways)
+    corrupted: int = 0  # segments whose bytes were flipped in flight
+    cut_connections: int = 0  # connections reset or refused by a partition
 
     def add(self, n: int, up: bool, t0: float) -> None:
         if up:
@@ -112,6 +119,10 @@ class LinkProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"link->{target}", daemon=True)
         self._t0 = time.monotonic()
+        self._partitioned = False
+        self._corrupt = 0  # segments still to corrupt
+        self._corrupt_min = 4096
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def address(self) -> str:
@@ -134,21 +145,53 @@ class LinkProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
 
+    def partition(self, on: bool) -> None:
+        """Cut the link (reset its connections, refuse new ones) or restore it."""
+        self._partitioned = on
+        if on and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut)
+
+    def _cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+            self.stats.cut_connections += 1
+        self._writers.clear()
+
+    def corrupt_next(self, segments: int = 1, min_bytes: int = 4096) -> None:
+        """Flip a byte in each of the next `segments` upstream segments of at least `min_bytes`."""
+        self._corrupt_min = min_bytes
+        self._corrupt += segments
+
+    def _tamper(self, data: bytes, up: bool) -> bytes:
+        if not (up and self._corrupt > 0 and len(data) >= self._corrupt_min):
+            return data
+        self._corrupt -= 1
+        self.stats.corrupted += 1
+        flipped = bytearray(data)
+        flipped[len(data) * 7 // 8] ^= 0xFF  # late in a large segment: a chunk's data, not the header
+        return bytes(flipped)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._partitioned:
+            self.stats.cut_connections += 1
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
+        self._writers.update((writer, up_writer))
         await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False),
                              return_exceptions=True)
+        self._writers.difference_update((writer, up_writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
         if self.wan is None:
             try:
                 while data := await reader.read(1 << 16):
                     self.stats.add(len(data), up, self._t0)
-                    writer.write(data)
+                    writer.write(self._tamper(data, up))
                     await writer.drain()
             finally:
                 writer.close()
@@ -167,7 +210,7 @@ class LinkProxy:
                 if self.wan.loss and self.rng.random() < self.wan.loss:
                     at += self.wan.rto_s
                 last = max(last, at)
-                await queue.put((last, data))
+                await queue.put((last, self._tamper(data, up)))
         finally:
             await queue.put(None)
             await deliver

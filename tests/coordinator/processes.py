@@ -1,0 +1,77 @@
+"""Coordinator processes for the restart and failover tests: real `archipelago coordinator serve`
+processes on fixed loopback ports, started and killed by PID through `sim.run.ProcessGroup`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from sim.run import ProcessGroup
+from tests.coordinator.conftest import ADMIN_CREDENTIAL, CoordinatorHarness, RunFiles
+
+START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def coordinator_argv(files: RunFiles, state_dir: Path, port: int, *overrides: str,
+                     etcd: str = "") -> list[str]:
+    # the harness's message limits (tests/coordinator/conftest.py)
+    sets = [f"coordinator.islands_file={json.dumps(str(files.islands_file))}", "coordinator.chunk_bytes=65536",
+            "coordinator.max_message_bytes=262144", "coordinator.lease_ttl_s=30.0",
+            "coordinator.staleness_limit=2", *overrides]
+    argv = ["coordinator", "serve", "--preset", "ci", "--init", str(files.init), "--state-dir", str(state_dir),
+            "--host", "127.0.0.1", "--port", str(port)]
+    for item in sets:
+        argv += ["--set", item]
+    if etcd:
+        argv += ["--etcd", etcd]
+    return argv
+
+
+def start_coordinator(group: ProcessGroup, name: str, files: RunFiles, state_dir: Path, port: int,
+                      *overrides: str, etcd: str = "", wait: bool = True) -> None:
+    group.start(name, coordinator_argv(files, state_dir, port, *overrides, etcd=etcd),
+                env={"ARCHIPELAGO_ADMIN_CREDENTIAL": ADMIN_CREDENTIAL})
+    if wait:
+        wait_serving(group, name, port)
+
+
+def admin_status(port: int, timeout: float = 5.0) -> dict[str, Any]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=ADMIN_CREDENTIAL), timeout=timeout)
+    return json.loads(reply.json)
+
+
+def wait_serving(group: ProcessGroup, name: str, port: int, timeout_s: float = START_TIMEOUT_S) -> dict[str, Any]:
+    """Poll Admin.Status on `port` until it answers; fail early if the process exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc = group.procs[name]
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{group.tail(name, 30)}")
+        try:
+            return admin_status(port, timeout=2.0)
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not serve on port {port} within {timeout_s}s:\n{group.tail(name)}")
+        time.sleep(0.1)
+
+
+def harness_for(files: RunFiles, cfg: Any, port: int) -> CoordinatorHarness:
+    """The conftest harness's client side, pointed at a coordinator process."""
+    harness = CoordinatorHarness(cfg, files)
+    harness.address = f"127.0.0.1:{port}"
+    return harness
