@@ -202,7 +202,9 @@ def chaos_fields(cfg: ChaosConfig, out: Path, injector: Injector) -> dict[str, A
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archipelago chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="island-ci", help="a preset under configs/ or a .toml path")
+    p.add_argument("--preset", default="island-ci",
+                   help="island-ci (kill a rank inside an island), ci (configs/chaos-ci.toml: faults across "
+                        "islands and the coordinator), a preset under configs/ or a .toml path")
     p.add_argument("--report", default="runs/chaos", help="folder for report.json and logs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted name (repeatable)")
@@ -214,7 +216,7 @@ def main(argv: list[str]) -> int:
     from sim import chaos_ci
 
     if chaos_ci.handles(args.preset):  # faults across islands and the coordinator (`--preset ci`)
-        return chaos_ci.main(argv)
+        return chaos_ci.run(args)
     cfg = cfglib.load(ChaosConfig, args.preset, args.overrides)
     check_chaos(cfg)
     out = Path(args.report)

@@ -491,23 +491,11 @@ SUMMARY = ("islands", "failover_mode", "failures_injected", "recovered", "coordi
            "fault_free_eval_loss", "loss_gap_vs_fault_free", "final_version", "wall_s", "fault_free_wall_s")
 
 
-def parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="archipelago chaos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="ci", help="ci (configs/chaos-ci.toml), a preset under configs/ or a .toml")
-    p.add_argument("--report", default="runs/chaos", help="folder for report.json, the plot and the logs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field by its dotted name (repeatable)")
-    return p
-
-
-def main(argv: list[str]) -> int:
+def run(args: Any) -> int:
+    """`archipelago chaos` for presets `handles` accepts; `args` as sim/chaos.py parses them."""
     from archipelago.console import console, summary_table
     from archipelago.runinfo import write_json
 
-    args = parser().parse_args(argv)
     cfg = load_config(args.preset, args.overrides)
     out = Path(args.report)
     console.print(f"[bold]archipelago chaos[/] · {args.preset}: {cfg.sim.islands} islands × {cfg.diloco.rounds} "
