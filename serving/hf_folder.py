@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from island.data.tokenizer import EOS, PAD, SPECIAL_TOKENS, Tokenizer
@@ -59,18 +60,33 @@ def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byte
     return [*files, INDEX]
 
 
+def _weight_files(folder: Path) -> list[str]:
+    if (folder / INDEX).is_file():
+        return sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    if (folder / WEIGHTS).is_file():
+        return [WEIGHTS]
+    raise ExportError(f"{folder} holds neither {WEIGHTS} nor {INDEX}")
+
+
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder, whether in one file or sharded."""
-    if (folder / INDEX).is_file():
-        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-    elif (folder / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    else:
-        raise ExportError(f"{folder} holds neither {WEIGHTS} nor {INDEX}")
     out: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in _weight_files(folder):
         out.update(load_file(str(folder / file)))
     return out
+
+
+def has_selection_bias(folder: Path) -> bool:
+    """Whether any MoE layer of the folder carries a nonzero expert-selection bias.
+
+    Reads only the bias tensors (`e_score_correction_bias`), not the weights.
+    """
+    for file in _weight_files(Path(folder)):
+        with safe_open(str(Path(folder) / file), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if name.endswith("e_score_correction_bias") and bool(fh.get_tensor(name).any()):
+                    return True
+    return False
 
 
 def write_tokenizer(folder: Path, tokenizer: Tokenizer, max_len: int) -> None:

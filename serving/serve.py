@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from archipelago.errors import UserError
-from serving.hf_folder import read_config
+from serving.hf_folder import has_selection_bias, read_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_VENV = ".venv-serve"
@@ -54,6 +54,10 @@ def vllm_command(vllm: Path, model: Path, host: str, port: int, extra: list[str]
         # reserves 92% of the machine's memory up front and refuses to start when other processes
         # hold some of it.
         cmd += ["--enforce-eager", "--kv-cache-memory-bytes", CPU_KV_CACHE]
+        if has_selection_bias(model):
+            # vLLM's CPU router drops the expert-selection bias under softmax scoring (its CUDA
+            # router applies it); its Transformers backend routes with the model's own code.
+            cmd += ["--model-impl", "transformers"]
     return cmd + extra
 
 

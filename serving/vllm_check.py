@@ -9,7 +9,9 @@ For each folder vLLM loads it in fp32 (eager, CPU-friendly), tokenizes the fixed
 folder's own tokenizer files and decodes greedily with end-of-text ignored, so the tokens can be
 compared one for one with `island.sampling` on the same folder (tests/serving/test_vllm.py); the
 log-probabilities of the prompt and of each chosen token come along, which checks the numbers
-even where a barely trained model repeats one token.
+even where a barely trained model repeats one token. A folder whose MoE layers carry a nonzero
+expert-selection bias is loaded with vLLM's Transformers backend, as `archipelago serve` does on
+CPU: vLLM's CPU router drops that bias under softmax scoring.
 This file imports nothing from the project, so it runs where only vLLM is installed.
 """
 
@@ -28,18 +30,31 @@ PROMPTS = (
 )
 
 
+def has_selection_bias(folder: str) -> bool:
+    from safetensors import safe_open
+
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, file), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    if name.endswith("e_score_correction_bias") and bool(fh.get_tensor(name).any()):
+                        return True
+    return False
+
+
 def greedy(folder: str, max_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
     with open(os.path.join(folder, "config.json")) as fh:
         max_len = json.load(fh)["max_position_embeddings"]
+    model_impl = "transformers" if has_selection_bias(folder) else "auto"
     llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=max_len,
-              generation_config="vllm", seed=0)
+              generation_config="vllm", seed=0, model_impl=model_impl)
     # logprobs=0 / prompt_logprobs=0: the log-probability of each chosen (or given) token only.
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             skip_special_tokens=False, logprobs=0, prompt_logprobs=0)
     outputs = llm.generate(list(PROMPTS), params)
-    result: dict = {"prompts": list(PROMPTS), "prompt_token_ids": [], "token_ids": [], "logprobs": [],
+    result: dict = {"model_impl": model_impl, "prompts": list(PROMPTS), "prompt_token_ids": [], "token_ids": [], "logprobs": [],
                     "prompt_logprobs": []}
     for o in outputs:
         ids, out = list(o.prompt_token_ids), o.outputs[0]

@@ -64,4 +64,6 @@ def test_serve_starts_vllm_serve_with_the_models_settings(exported, monkeypatch,
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--max-model-len") + 1] == "64"
     assert argv[argv.index("--dtype") + 1] == "float32" and "--enforce-eager" in argv
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == "2G"
+    # The export carries a nonzero selection bias, which only vLLM's Transformers backend keeps on CPU.
+    assert argv[argv.index("--model-impl") + 1] == "transformers"
     assert argv[-2:] == ["--max-num-seqs", "4"]

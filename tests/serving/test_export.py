@@ -14,7 +14,7 @@ from island.data import Tokenizer
 from island.train import model_tensors
 from serving import fp8
 from serving.export import ExportOptions, export_checkpoint, load_checkpoint, load_with_transformers
-from serving.hf_folder import INDEX, load_exported, read_tensors
+from serving.hf_folder import INDEX, has_selection_bias, load_exported, read_tensors
 from serving.hf_names import QWEN3_MOE, ExportError, to_hf
 from tests.serving.conftest import VARIANTS
 
@@ -55,6 +55,12 @@ def test_the_expert_bias_is_exported_and_changes_routing(fp32_exports, checkpoin
             if name.endswith("e_score_correction_bias"):
                 buf.zero_()
         assert (theirs(input_ids=ids).logits - original(ids)).abs().max() > 10 * TOLERANCE
+
+
+def test_only_the_biased_export_reports_a_selection_bias(fp32_exports):
+    """`archipelago serve` picks vLLM's Transformers backend on CPU by this answer."""
+    assert {name: has_selection_bias(report.out) for name, report in fp32_exports.items()} == {
+        "qwen3": False, "llama": False, "qwen3_moe": False, "ernie_moe": True}
 
 
 def test_moe_with_qk_norm_and_a_shared_expert_is_refused_naming_why(checkpoints, tmp_path):

