@@ -59,6 +59,8 @@ def _group(g: int, rank: int, lighthouse: str, store_port: int, root: str, extra
            out: str, parent: int) -> None:
     """One rank of replica group g: train to `steps`, logging each step; pause while `hold{g}` exists.
 
+    When `pause_after_solo{g}` holds a number N, the group creates `hold{g}` itself once it has
+    committed N steps alone, so the test need not catch it between two fast steps.
     Rank 0 writes the log and, at the end, the group's full state."""
     torch.set_num_threads(1)
     out_dir = Path(out)
@@ -84,6 +86,11 @@ def _group(g: int, rank: int, lighthouse: str, store_port: int, root: str, extra
                     "committed": trainer.committed, "participants": trainer.num_participants})
         if rank == 0:
             (out_dir / f"progress{g}.json").write_text(json.dumps(log))
+        pause_after = out_dir / f"pause_after_solo{g}"
+        if pause_after.exists() and sum(e["participants"] == 1 and e["committed"] for e in log) >= \
+                int(pause_after.read_text()):
+            pause_after.unlink(missing_ok=True)
+            (out_dir / f"hold{g}").touch()
         if os.getppid() != parent:
             os._exit(1)
     state = (full_state(trainer) if trainer.mesh is None else
@@ -222,10 +229,11 @@ def test_a_killed_group_is_dropped_and_a_restarted_one_heals_bit_identical(corpu
     (groups.out / "go").touch()
 
     groups.wait("group 1 to commit 3 steps", lambda: len(groups.progress(1)) >= 3)
+    (groups.out / "pause_after_solo0").write_text("2")  # group 0 then pauses while group 1 restarts
     groups.kill(1)
-    solo = groups.wait("group 0 to commit 2 steps alone", lambda: [
-        e for e in groups.progress(0) if e["participants"] == 1 and e["committed"]][1:])
-    (groups.out / "hold0").touch()  # group 0 pauses at its next step boundary while group 1 starts
+    groups.wait("group 0 to commit 2 steps alone and pause", lambda: (groups.out / "hold0").exists())
+    solo = [e for e in groups.progress(0) if e["participants"] == 1 and e["committed"]]
+    assert len(solo) >= 2
     (groups.out / "progress1.json").unlink()
     groups.start(1)
     groups.wait("the restarted group 1 to be ready", lambda: groups.ready(1))
