@@ -56,6 +56,7 @@ from protos.transport import open_channel
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CLOSE_TIMEOUT_S = 10.0  # close() waits this long, in all, for the background threads
 
 
 @dataclass
@@ -194,6 +195,7 @@ class DiLoCoClient:
         self.receiver_error: BaseException | None = None
         self.pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
         self.pushes: list[Future] = []
+        self._threads: list[threading.Thread] = []  # joined by close()
 
     # ---- the outer loop -------------------------------------------------------------------------
 
@@ -522,12 +524,17 @@ class DiLoCoClient:
             for header, tensors in self.fetch(self.version, full=True):
                 self.apply_payload(header, tensors)
         self._joined = True
-        threading.Thread(target=self._receive, name="receiver", daemon=True).start()
+        self._start_thread(self._receive, "receiver")
         log.info("island %s registered (epoch %d) at version %d", self.island_id, reply.epoch, self.version)
 
     def start_background(self) -> None:
-        threading.Thread(target=self._subscribe, name="subscribe", daemon=True).start()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self._start_thread(self._subscribe, "subscribe")
+        self._start_thread(self._heartbeat, "heartbeat")
+
+    def _start_thread(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _subscribe(self) -> None:
         lost = False
@@ -635,7 +642,7 @@ class DiLoCoClient:
                     self.rejoin(lease)
                     continue
                 retry = exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
-                if not retry or time.monotonic() + delay > deadline:
+                if not retry or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
                 self.stats.reconnects += 1
                 log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
@@ -645,11 +652,20 @@ class DiLoCoClient:
                 delay = min(delay * 2, 5.0)
 
     def close(self) -> None:
+        """Stop the background threads and wait for them (bounded): a thread still inside gRPC or
+        torch while the interpreter shuts down can abort the process."""
         self._stop.set()
         self.pusher.shutdown(wait=False, cancel_futures=True)
-        self.channel.close()
+        self.channel.close()  # cancels the event stream and any call in flight
         for channel in self._old_channels:
             channel.close()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive() and t is not threading.current_thread()]
+        if stuck:
+            log.warning("island %s: threads %s still running after %.0fs", self.island_id, stuck, CLOSE_TIMEOUT_S)
 
 
 def _action(exc: grpc.RpcError) -> str:

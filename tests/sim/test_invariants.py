@@ -67,6 +67,8 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
         island = Trainer(cfg, total_steps=steps)
         client = CheckedClient(cfg.diloco, island, address, "island-0")
         client.run()
+        # run() ends with close(), which waits for the client's threads: none may outlive it.
+        assert [t.name for t in client._threads if t.is_alive()] == []
     finally:
         group.kill_all()
 
