@@ -659,11 +659,11 @@ class DiLoCoClient:
         self.channel.close()  # cancels the event stream and any call in flight
         for channel in self._old_channels:
             channel.close()
+        others = [t for t in self._threads if t is not threading.current_thread()]
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self._threads if t.is_alive() and t is not threading.current_thread()]
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in others if t.is_alive()]
         if stuck:
             log.warning("island %s: threads %s still running after %.0fs", self.island_id, stuck, CLOSE_TIMEOUT_S)
 
