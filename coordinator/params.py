@@ -34,6 +34,7 @@ class Contribution:
     loss_mean: float
     eval_loss: float
     compute_s: float
+    last: bool = False  # the island's last push of its run for this fragment
 
 
 @dataclass

@@ -102,6 +102,9 @@ class RoundEngine:
         self.delta_dir = state_dir / "deltas"
         self.replayed = 0  # versions recomputed from spilled pushes at the last restore
         self.grace_until = 0.0  # after a restore: rounds wait this long for the known islands
+        # island -> fragments whose last push (PushHeader.last) was applied or refused: an island
+        # with all of them finished its run and no longer counts toward quorums.
+        self.finished: dict[str, list[int]] = {}
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -122,6 +125,7 @@ class RoundEngine:
         self.rounds = list(self.store.get("rounds", self.rounds))
         self.fragment_versions = list(self.store.get("fragment_versions", self.fragment_versions))
         self.guard.load(self.store.get("guard"))
+        self.finished = {k: list(v) for k, v in self.store.get("finished", {}).items()}
         for key, spill in self.store.spills("pending"):
             self.pending[key[2]][key] = self._contribution(key, spill)
         self.opened_at = [time.monotonic()] * self.num_fragments
@@ -171,7 +175,7 @@ class RoundEngine:
         payload = read_payload(spill.path)
         delta = decode(payload, self.params.fragment_specs(key[2]))
         return Contribution(key[0], key[1], key[2], spill.base_version, spill.tokens, spill.weight, delta,
-                            spill.loss_mean, spill.eval_loss, spill.compute_s)
+                            spill.loss_mean, spill.eval_loss, spill.compute_s, spill.last)
 
     def _write_checkpoint(self, version: int | None = None, rounds: list[int] | None = None,
                           fragment_versions: list[int] | None = None) -> Path:
@@ -201,7 +205,18 @@ class RoundEngine:
              fragment_versions: list[int] | None = None) -> dict[str, Any]:
         return {"rounds": rounds or self.rounds, "fragment_versions": fragment_versions or self.fragment_versions,
                 "timeline": self.timeline, "version": self.version if version is None else version,
-                "guard": self.guard.state()}
+                "guard": self.guard.state(), "finished": self.finished}
+
+    def done_islands(self) -> set[str]:
+        """Islands whose last push of every fragment is applied or refused: they finished their run."""
+        return {i for i, fragments in self.finished.items() if len(set(fragments)) >= self.num_fragments}
+
+    def _note_finished(self, contributions: list[Contribution]) -> None:
+        for c in contributions:
+            if c.last and c.fragment not in self.finished.setdefault(c.island_id, []):
+                self.finished[c.island_id] = sorted([*self.finished[c.island_id], c.fragment])
+                if c.island_id in self.done_islands():
+                    log.info("island %s finished its run: rounds no longer wait for it", c.island_id)
 
     # ---- rounds ---------------------------------------------------------------------------------
 
@@ -234,7 +249,7 @@ class RoundEngine:
         path = self.spill_dir / quote(island, safe="") / f"r{round_:012d}-f{fragment:04d}-t{self.timeline}.bin"
         write_payload(path, payload)
         self.store.add_pending(key, Spill(time.time_ns(), str(path), c.base_version, c.tokens, c.weight,
-                                          c.loss_mean, c.eval_loss, c.compute_s))
+                                          c.loss_mean, c.eval_loss, c.compute_s, last=c.last))
 
     def _ready(self, fragment: int) -> bool:
         pending = self.pending[fragment]
@@ -243,8 +258,11 @@ class RoundEngine:
         contributors = {k[0] for k in pending}
         if len(contributors) < self.cfg.min_islands:
             return False
-        live = set(self.membership.live())
-        if time.monotonic() < self.grace_until and not set(self.store.known_islands()) <= live | contributors:
+        done = self.done_islands()
+        # A finished island's lease runs out on its own; rounds after its last one do not wait for it.
+        live = set(self.membership.live()) - done
+        if (time.monotonic() < self.grace_until
+                and not set(self.store.known_islands()) <= live | contributors | done):
             return False
         if len(contributors & live) >= math.ceil(self.cfg.quorum * len(live)):
             return True
@@ -259,8 +277,12 @@ class RoundEngine:
     async def tick(self) -> None:
         """Called periodically: expire leases and close rounds they (or deadlines) unblocked."""
         async with self.lock:
+            done = self.done_islands()
             for island in self.membership.expire_overdue():
-                log.warning("lease of island %s expired", island)
+                if island in done:
+                    log.info("lease of island %s ended after its run", island)
+                else:
+                    log.warning("lease of island %s expired", island)
             for fragment in range(self.num_fragments):
                 await self._maybe_close(fragment)
 
@@ -295,6 +317,7 @@ class RoundEngine:
         fragment_versions = [version if f == fragment else v for f, v in enumerate(self.fragment_versions)]
         rounds = [round_ + 1 if f == fragment else r for f, r in enumerate(self.rounds)]
         self.guard.committed(fragment, step["step_norm"], loss)
+        self._note_finished(contributions)
         info = {"islands": sorted({c.island_id for c in contributions}), "update_norm": update_norm,
                 "step_norm": step["step_norm"], "tokens": sum(c.tokens for c in contributions),
                 "loss_mean": _mean([c.loss_mean for c in contributions]),
@@ -332,6 +355,7 @@ class RoundEngine:
                  "reason": reason, "islands": sorted({c.island_id for c in contributions}),
                  "step_norm": step_norm if math.isfinite(step_norm) else str(step_norm), "loss": loss,
                  "refusals_in_a_row": in_a_row, "timeline": self.timeline, "time": time.time()}
+        self._note_finished(contributions)
         self.store.refuse(keys, event, self.meta())
         self.history.append(event)
         log.warning("guard refused fragment %d round %d (%d in a row): %s", fragment, round_, in_a_row, reason)

@@ -145,7 +145,9 @@ class Coordinator:
 
     def status(self) -> pb.StatusReply:
         now = time.monotonic()
-        islands = [pb.IslandStatus(island_id=m.island_id, epoch=m.epoch, state=m.state,
+        done = self.engine.done_islands()
+        islands = [pb.IslandStatus(island_id=m.island_id, epoch=m.epoch,
+                                   state="finished" if m.island_id in done else m.state,
                                    last_seen_s=now - m.last_seen, pushes=m.pushes, bytes_in=m.bytes_in,
                                    bytes_out=m.bytes_out)
                    for m in self.membership.members.values()]
@@ -155,7 +157,7 @@ class Coordinator:
                   "timeline": self.engine.timeline, "config_hash": self.config_hash, "resumed": self.resumed,
                   "replayed_versions": self.engine.replayed,
                   "pending_pushes": sum(len(p) for p in self.engine.pending),
-                  "live_islands": self.membership.live(),
+                  "live_islands": self.membership.live(), "finished_islands": sorted(done),
                   "last_checkpoint": latest[1] if latest else None,
                   "checkpoints": sorted(self.store.checkpoints()),
                   "guard": {**self.engine.guard.state(),
@@ -361,7 +363,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise Refused("INVALID_ARGUMENT", "a push must report the tokens it trained on (tokens=0)")
         weight = h.tokens * (c.cfg.staleness_discount ** staleness)
         return (Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
-                             h.loss_mean, h.eval_loss, h.compute_s), member, received, payload, h.timeline)
+                             h.loss_mean, h.eval_loss, h.compute_s, h.last), member, received, payload, h.timeline)
 
     async def Subscribe(self, request: pb.SubscribeRequest, context) -> AsyncIterator[pb.Event]:
         c = self.c

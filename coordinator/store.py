@@ -109,6 +109,7 @@ class Spill:
     compute_s: float
     status: str = "pending"  # pending | applied | refused | discarded
     version: int = 0  # the version that applied it
+    last: bool = False  # the island's last push of its run for this fragment
 
 
 def _n(value: int) -> str:

@@ -72,9 +72,18 @@ class DiLoCoConfig:
     # Overlap (DESIGN.md step 10): keep training while a sync is in flight and merge the new θ_b
     # when it arrives; block only when a fragment is due again before its last sync has merged.
     overlap: bool = False
+    # After its last round the island waits until its last pushes are merged, so it ends holding
+    # the final θ_b; false: it leaves once they are acknowledged (durable at the coordinator, which
+    # applies them without the island), freeing its cluster while slower islands finish. Only with
+    # overlap: without it every sync already waits for its merge.
+    wait_last_merge: bool = True
     chunk_bytes: int = 1 << 20
     max_message_bytes: int = 8 << 20
     reconnect_timeout_s: float = 60.0
+    # Longest wait between two attempts to reach a coordinator that is away (a failover, a restart,
+    # a cut link), for the island's retries and for gRPC's own reconnects: the island is back at
+    # most about this long after the coordinator is.
+    retry_max_delay_s: float = 1.0
     commit_timeout_s: float = 600.0
     # TLS to the coordinator (PEM paths, `archipelago coordinator certs`): the CA that signed the
     # coordinator's certificate, and this island's client certificate and key for mutual TLS.
@@ -104,6 +113,8 @@ class DiLoCoConfig:
             raise ConfigError(f"diloco.codec '{self.codec}' is not one of {sorted(SCHEMES)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("diloco.tls_cert and diloco.tls_key go together: give both or neither")
+        if not self.retry_max_delay_s > 0:
+            raise ConfigError(f"diloco.retry_max_delay_s must be > 0, got {self.retry_max_delay_s}")
 
 
     def steps_in_round(self, round_: int) -> int:
@@ -212,10 +223,13 @@ class DiLoCoClient:
                 per_fragment = self.cfg.steps_in_round(round_) // self.cfg.fragments
                 for fragment in order:
                     self.inner_steps(per_fragment)
-                    self.sync(fragment)
+                    self.sync(fragment, last=round_ == self.cfg.rounds - 1)
                 self.stats.rounds += 1
                 self.maybe_evaluate()
-            self.wait_until(lambda: not self.outstanding, "the last syncs to merge")
+            if self.cfg.wait_last_merge:
+                self.wait_until(lambda: not self.outstanding, "the last syncs to merge")
+            else:
+                self.wait_until(lambda: not self.pushes, "the last pushes to be acknowledged")
         finally:
             self.close()
         return self.stats
@@ -278,8 +292,10 @@ class DiLoCoClient:
 
     # ---- one sync -------------------------------------------------------------------------------
 
-    def sync(self, fragment: int) -> None:
-        """Push the fragment's pseudo-gradient; merge the new θ_b now, or (overlap) when it lands."""
+    def sync(self, fragment: int, last: bool = False) -> None:
+        """Push the fragment's pseudo-gradient; merge the new θ_b now, or (overlap) when it lands.
+        `last`: the island's final push of this fragment (the coordinator stops counting it in quorums
+        once every fragment's last push is in)."""
         start = time.perf_counter()
         # A fragment's next pseudo-gradient needs the θ_b its last sync produced.
         self.wait_until(lambda: fragment not in self.outstanding, f"fragment {fragment}'s last sync")
@@ -295,8 +311,10 @@ class DiLoCoClient:
         self._compute_mark = self.stats.compute_s
         tokens, loss_mean = self.tokens_since_sync(), self.mean_loss()
         self.loss_sum, self.loss_count, self.token_sum = 0.0, 0, 0
-        self.pushes.append(self.pusher.submit(self.push, fragment, round_, self.base_version[fragment],
-                                              payload, tokens, loss_mean))
+        future = self.pusher.submit(self.push, fragment, round_, self.base_version[fragment], payload, tokens,
+                                    loss_mean, last)
+        future.add_done_callback(lambda _: self.arrived.set())  # wakes wait_until
+        self.pushes.append(future)
         if not self.cfg.overlap:
             self.wait_until(lambda: fragment not in self.outstanding, f"fragment {fragment} round {round_}")
         self.stats.blocked_s += time.perf_counter() - start
@@ -328,7 +346,7 @@ class DiLoCoClient:
             self.arrived.clear()
 
     def push(self, fragment: int, round_: int, base_version: int, payload: Payload, tokens: int,
-             loss_mean: float) -> None:
+             loss_mean: float, last: bool = False) -> None:
         """Stream one pseudo-gradient (runs on the pusher thread)."""
         chunks = split_chunks(payload.body, self.cfg.chunk_bytes)
 
@@ -339,7 +357,7 @@ class DiLoCoClient:
                 codec_header=payload.header_bytes(), body_len=len(payload.body),
                 body_sha256=payload.header["body_sha256"], num_chunks=len(chunks),
                 compute_s=self.stats.compute_s, timeline=timeline,
-                codec_header_crc32=zlib.crc32(payload.header_bytes())))
+                codec_header_crc32=zlib.crc32(payload.header_bytes()), last=last))
             for c in chunks:
                 yield pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
 
@@ -611,9 +629,16 @@ class DiLoCoClient:
                 self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
 
     def _open(self, address: str) -> grpc.Channel:
+        backoff_ms = max(100, int(self.cfg.retry_max_delay_s * 1000))
         return open_channel(address, options=[
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", self.cfg.max_message_bytes)],
+            ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+            # A fresh channel must not inherit a shared subchannel's grown reconnect backoff (gRPC's
+            # default grows to 120 s), or a coordinator that is back stays unreachable for a while.
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 200)),
+            ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 200)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms)],
             ca=self.cfg.tls_ca, cert=self.cfg.tls_cert, key=self.cfg.tls_key)
 
     def _next_address(self) -> None:
@@ -649,7 +674,7 @@ class DiLoCoClient:
                 if exc.code() in RETRYABLE and stub is self.stub:
                     self._next_address()
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self.cfg.retry_max_delay_s)
 
     def close(self) -> None:
         """Stop the background threads and wait for them (bounded): a thread still inside gRPC or

@@ -128,7 +128,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("lease", "fragment", "round", "base_version", "tokens", "loss_mean", "eval_loss", "scheme", "codec_header", "body_len", "body_sha256", "num_chunks", "compute_s", "timeline", "codec_header_crc32")
+    __slots__ = ("lease", "fragment", "round", "base_version", "tokens", "loss_mean", "eval_loss", "scheme", "codec_header", "body_len", "body_sha256", "num_chunks", "compute_s", "timeline", "codec_header_crc32", "last")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class PushHeader(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     CODEC_HEADER_CRC32_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     fragment: int
     round: int
@@ -159,7 +160,8 @@ class PushHeader(_message.Message):
     compute_s: float
     timeline: int
     codec_header_crc32: int
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_mean: _Optional[float] = ..., eval_loss: _Optional[float] = ..., scheme: _Optional[str] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., compute_s: _Optional[float] = ..., timeline: _Optional[int] = ..., codec_header_crc32: _Optional[int] = ...) -> None: ...
+    last: bool
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., fragment: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_mean: _Optional[float] = ..., eval_loss: _Optional[float] = ..., scheme: _Optional[str] = ..., codec_header: _Optional[bytes] = ..., body_len: _Optional[int] = ..., body_sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., compute_s: _Optional[float] = ..., timeline: _Optional[int] = ..., codec_header_crc32: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class PushPart(_message.Message):
     __slots__ = ("header", "chunk")

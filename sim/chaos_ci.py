@@ -6,8 +6,8 @@ address. With `etcd` on PATH (or `faults.failover = "etcd"`) a local etcd server
 among two coordinators sharing one state directory, and islands get both addresses; without it a
 single coordinator is killed and restarted on its sqlite state. Faults (sim/faults.py) start once
 every island has started training. Afterwards the runner waits until the coordinator holds no
-pending push (the last, late contributions close once the finished islands' leases expire, or at
-the round deadline) and reads:
+pending push (an island's last push is marked as such, so once the others finished a late one
+closes its round alone) and reads:
 
 - from each island's push log (`diloco.ack_log`): every push the coordinator acknowledged, with
   the seconds of inner compute that produced it;

@@ -36,9 +36,9 @@ class CheckedClient(DiLoCoClient):
 
     sync_moves: list[float]
 
-    def sync(self, fragment: int) -> None:
+    def sync(self, fragment: int, last: bool = False) -> None:
         before = {n: t.detach().clone() for n, t in self.local.items()}
-        super().sync(fragment)
+        super().sync(fragment, last)
         self.sync_moves = getattr(self, "sync_moves", [])
         self.sync_moves.append(max(float((self.local[n] - before[n]).abs().max()) for n in before))
 
@@ -100,6 +100,7 @@ def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config, overla
 @pytest.mark.parametrize("bad,match", [("sim.islands=0", "sim.islands"),
                                        ("diloco.codec=gzip", "diloco.codec"),
                                        ("diloco.inner_steps=5", "multiple of"),
+                                       ("diloco.retry_max_delay_s=0", "diloco.retry_max_delay_s"),
                                        ("data.vocab_size=512", "data.vocab_size")])
 def test_sim_config_errors_name_the_field(sim_config, bad, match):
     extra = [bad] + (["diloco.fragments=2"] if "inner_steps" in bad else [])
