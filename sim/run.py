@@ -259,8 +259,10 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         "compute_utilization": sum(i["compute_s"] / max(1e-9, i["compute_s"] + i["blocked_s"])
                                    for i in result["islands"]) / n,
         "wall_s": result["wall_s"],
-        # every island and the coordinator hold the same broadcast copy, bit for bit
-        "theta_b_identical": island_digests == {coordinator_theta_b},
+        # every island and the coordinator hold the same broadcast copy, bit for bit (None: not
+        # checked, the islands left before their last merge with `diloco.wait_last_merge = false`)
+        "theta_b_identical": (island_digests == {coordinator_theta_b} if cfg.diloco.wait_last_merge or
+                              not cfg.diloco.overlap else None),
         "theta_b_sha256": coordinator_theta_b,
         "warmstart": warm[2] if warm else None,
         "wan": [cfg.sim.link(i).describe() if cfg.sim.link(i) else "loopback (unshaped)" for i in range(n)],
