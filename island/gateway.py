@@ -294,14 +294,14 @@ class IslandGateway(DiLoCoClient):
     def tokens_since_sync(self) -> int:
         return self.round_tokens
 
-    def sync(self, fragment: int) -> None:
+    def sync(self, fragment: int, last: bool = False) -> None:
         self.sync_of_fragment[fragment] = self.next_sync - 1
-        super().sync(fragment)
+        super().sync(fragment, last)
 
     def push(self, fragment: int, round_: int, base_version: int, payload: Any, tokens: int,
-             loss_mean: float) -> None:
+             loss_mean: float, last: bool = False) -> None:
         acknowledged = self.stats.pushes
-        super().push(fragment, round_, base_version, payload, tokens, loss_mean)
+        super().push(fragment, round_, base_version, payload, tokens, loss_mean, last)
         if self.stats.pushes > acknowledged:  # the coordinator holds it (not dropped as stale)
             self.push_log.append({"fragment": fragment, "round": round_, "base_version": base_version,
                                   "tokens": tokens, "t": time.time()})
