@@ -18,6 +18,8 @@ closes its round alone) and reads:
     goodput                 compute seconds of applied pushes (less any time the island was
                             SIGSTOPped inside them) / island-seconds from the first island's start
                             to each island's exit
+    goodput_breakdown       where the other island-seconds went (`breakdown`): work a kill destroyed,
+                            restarts, SIGSTOPped time, pushes not applied, and the rest
     dp_goodput_same_trace   sim/faults.py `dp_goodput`, with this run's step time, round length and
                             measured island restart time
     loss_gap_vs_fault_free  eval loss of θ_g after the chaos run − after the fault-free run
@@ -379,7 +381,39 @@ def accounting(run: dict[str, Any]) -> dict[str, Any]:
             "lost_keys": sorted(acked - run["applied"]), "updates_applied_twice": twice,
             "useful_compute_s": useful, "available_s": available,
             "goodput": useful / available if available else 0.0,
-            "wall_s": max(run["finished"].values()) - run["t_start"]}
+            "wall_s": max(run["finished"].values()) - run["t_start"],
+            "goodput_breakdown": breakdown(run, useful, available)}
+
+
+def breakdown(run: dict[str, Any], useful: float, available: float) -> dict[str, float]:
+    """Where the island-seconds that did not reach the global model went (seconds):
+
+        killed_work_s   a killed process's training since its last acknowledged push (or its start)
+        restart_s       from a kill to the replacement's start (registered, θ_b pulled)
+        stopped_s       SIGSTOPped time of the slowed island
+        not_applied_s   compute of pushes that were acknowledged but not applied, or dropped as stale
+        other_s         the rest: process start and exit, syncs that blocked, evaluation
+    """
+    killed_work = restart = 0.0
+    for f in run.get("faults", []):
+        if f["kind"] != "kill_island" or f["injected_at_s"] is None:
+            continue
+        killed_at, acks = f["detail"]["killed_at"], run["acks"].get(f["target"], [])
+        before = [a for a in acks if a["t"] <= killed_at]
+        if before:
+            pid = before[-1]["pid"]
+            marks = [a["synced_at"] if a["event"] == "push" else a["t"] for a in before
+                     if a["pid"] == pid and a["event"] in ("push", "start")]
+            killed_work += max(0.0, killed_at - max(marks)) if marks else 0.0
+        starts = [a["t"] for a in acks if a["event"] == "start" and a["t"] > killed_at]
+        restart += (min(starts) - killed_at) if starts else 0.0
+    stopped = sum(b - a for intervals in run.get("stopped", {}).values() for a, b in intervals)
+    not_applied = sum(a["compute_s"] for acks in run["acks"].values() for a in acks
+                      if (a["event"] == "push" and (a["island"], a["round"], a["fragment"]) not in run["applied"])
+                      or a["event"] == "dropped")
+    parts = {"killed_work_s": killed_work, "restart_s": restart, "stopped_s": stopped, "not_applied_s": not_applied}
+    parts["other_s"] = available - useful - sum(parts.values())
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -461,6 +495,7 @@ def simulate_chaos(cfg: ChaosCiConfig, out: Path, preset_label: str) -> dict[str
         "final_version": chaos["final_version"], "fault_free_version": clean["final_version"],
         "fault_free_goodput": clean_acc["goodput"], "wall_s": acc["wall_s"], "fault_free_wall_s": clean_acc["wall_s"],
         "useful_compute_s": acc["useful_compute_s"], "available_island_s": acc["available_s"],
+        "goodput_breakdown": acc["goodput_breakdown"], "fault_free_goodput_breakdown": clean_acc["goodput_breakdown"],
         "step_s": step_s, "guard_events": chaos["events"], "injector_errors": chaos["injector_errors"],
         "corrupted_segments": sum(s.corrupted for s in chaos["links"]),
         "connections_cut": sum(s.cut_connections for s in chaos["links"]),

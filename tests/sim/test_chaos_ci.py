@@ -59,6 +59,28 @@ def test_accounting_counts_lost_and_twice_applied_updates():
     assert acc["updates_applied_twice"] == 1
     assert acc["useful_compute_s"] == pytest.approx(2.0 + 1.5)  # island-1 was stopped 0.5 s of its 2 s
     assert acc["goodput"] == pytest.approx(3.5 / 20.0)
+    assert acc["goodput_breakdown"] == {"killed_work_s": 0.0, "restart_s": 0.0, "stopped_s": 0.5,
+                                        "not_applied_s": 2.0, "other_s": 14.0}
+
+
+def test_the_breakdown_charges_a_kill_its_work_in_flight_and_its_restart():
+    def push(pid, round_, synced_at):
+        return {"event": "push", "island": "island-0", "pid": pid, "round": round_, "fragment": 0,
+                "compute_s": 4.0, "synced_at": synced_at, "t": synced_at + 0.1}
+
+    acks = [{"event": "start", "island": "island-0", "pid": 1, "t": 100.0}, push(1, 0, 104.0),
+            # killed at 107.0: 3 s of training since the push at 104.0 are lost; back at 112.0
+            {"event": "start", "island": "island-0", "pid": 2, "t": 112.0}, push(2, 1, 116.0)]
+    run = {"acks": {"island-0": acks}, "applied": {("island-0", 0, 0), ("island-0", 1, 0)},
+           "versions": [(1, {"keys": [["island-0", 0, 0]]}), (2, {"keys": [["island-0", 1, 0]]})],
+           "stopped": {}, "t_start": 100.0, "finished": {"island-0": 117.0},
+           "faults": [{"kind": "kill_island", "target": "island-0", "injected_at_s": 7.0,
+                       "detail": {"killed_at": 107.0}}]}
+    acc = chaos_ci.accounting(run)
+    assert acc["useful_compute_s"] == pytest.approx(8.0) and acc["updates_lost"] == 0
+    parts = acc["goodput_breakdown"]
+    assert parts["killed_work_s"] == 3.0 and parts["restart_s"] == 5.0
+    assert parts["other_s"] == pytest.approx(17.0 - 8.0 - 3.0 - 5.0)
 
 
 class Echo:
