@@ -209,13 +209,15 @@ class RoundEngine:
 
     def done_islands(self) -> set[str]:
         """Islands whose last push of every fragment is applied or refused: they finished their run."""
-        return {i for i, fragments in self.finished.items() if len(set(fragments)) >= self.num_fragments}
+        return {i for i, fragments in self.finished.items() if len(fragments) == self.num_fragments}
 
     def _note_finished(self, contributions: list[Contribution]) -> None:
-        for c in contributions:
-            if c.last and c.fragment not in self.finished.setdefault(c.island_id, []):
-                self.finished[c.island_id] = sorted([*self.finished[c.island_id], c.fragment])
-                if c.island_id in self.done_islands():
+        for c in (c for c in contributions if c.last):
+            fragments = self.finished.setdefault(c.island_id, [])
+            if c.fragment not in fragments:
+                fragments.append(c.fragment)
+                fragments.sort()
+                if len(fragments) == self.num_fragments:
                     log.info("island %s finished its run: rounds no longer wait for it", c.island_id)
 
     # ---- rounds ---------------------------------------------------------------------------------

@@ -405,8 +405,8 @@ def breakdown(run: dict[str, Any], useful: float, available: float) -> dict[str,
             marks = [a["synced_at"] if a["event"] == "push" else a["t"] for a in before
                      if a["pid"] == pid and a["event"] in ("push", "start")]
             killed_work += max(0.0, killed_at - max(marks)) if marks else 0.0
-        starts = [a["t"] for a in acks if a["event"] == "start" and a["t"] > killed_at]
-        restart += (min(starts) - killed_at) if starts else 0.0
+        replacement = _start_after(acks, killed_at)
+        restart += replacement["t"] - killed_at if replacement else 0.0
     stopped = sum(b - a for intervals in run.get("stopped", {}).values() for a, b in intervals)
     not_applied = sum(a["compute_s"] for acks in run["acks"].values() for a in acks
                       if (a["event"] == "push" and (a["island"], a["round"], a["fragment"]) not in run["applied"])
@@ -428,9 +428,9 @@ def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
         if f["injected_at_s"] is None:
             f["recovered"] = False
         elif f["kind"] == "kill_island":
-            starts = [a for a in target_acks if a["event"] == "start" and a["t"] > f["detail"]["killed_at"]]
-            f["detail"]["replacement_started_s"] = round(starts[0]["t"] - f["detail"]["killed_at"], 2) if starts else None
-            f["recovered"] = bool(starts) and pushed_after(starts[0]["t"], starts[0]["pid"]) \
+            start = _start_after(target_acks, f["detail"]["killed_at"])
+            f["detail"]["replacement_started_s"] = round(start["t"] - f["detail"]["killed_at"], 2) if start else None
+            f["recovered"] = start is not None and pushed_after(start["t"], start["pid"]) \
                 and f["target"] in run["finished"]
         elif f["kind"] == "kill_coordinator":
             f["detail"]["version_at_kill"] = getattr(cluster, "version_at_kill", None)
@@ -451,6 +451,11 @@ def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
             f["recovered"] = corrupted > 0 and refused > 0 and pushed_after(f["detail"]["armed_at"])
         out.append(f)
     return out
+
+
+def _start_after(acks: list[dict[str, Any]], t: float) -> dict[str, Any] | None:
+    """The first process start an island logged after wall time `t` (a replacement), or None."""
+    return next((a for a in acks if a["event"] == "start" and a["t"] > t), None)
 
 
 def _pushed_after(acks: list[dict[str, Any]]):

@@ -48,6 +48,16 @@ def start_coordinator(group: ProcessGroup, name: str, files: RunFiles, state_dir
         wait_serving(group, name, port)
 
 
+def restart_coordinator(group: ProcessGroup, files: RunFiles, state_dir: Path, port: int,
+                        *overrides: str) -> dict[str, Any]:
+    """SIGKILL the process named "coordinator", start it again on the same state directory and
+    port, and return its status once it serves."""
+    group.kill("coordinator")
+    (state_dir / "address").unlink(missing_ok=True)
+    start_coordinator(group, "coordinator", files, state_dir, port, *overrides)
+    return admin_status(port)
+
+
 def admin_status(port: int, timeout: float = 5.0) -> dict[str, Any]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=ADMIN_CREDENTIAL), timeout=timeout)

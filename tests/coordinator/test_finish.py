@@ -13,7 +13,7 @@ from island.run_cli import load_job
 from island.train import Trainer
 from sim.run import ProcessGroup
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness
-from tests.coordinator.processes import admin_status, free_port, harness_for, start_coordinator
+from tests.coordinator.processes import free_port, harness_for, restart_coordinator, start_coordinator
 
 
 def states(c: CoordinatorHarness) -> dict[str, str]:
@@ -97,10 +97,7 @@ def test_finished_islands_are_remembered_across_a_coordinator_restart(run_files,
         assert c.push(done, 0, 0, 0, c.pseudo_grad(0, seed=0), last=True).version == 0
         assert c.push(late, 0, 0, 0, c.pseudo_grad(0, seed=1)).version == 1
 
-        group.kill("coordinator")
-        (state_dir / "address").unlink(missing_ok=True)
-        start_coordinator(group, "coordinator", run_files, state_dir, port, *overrides)
-        status = admin_status(port)
+        status = restart_coordinator(group, run_files, state_dir, port, *overrides)
         assert status["version"] == 1 and status["finished_islands"] == ["island-0"]
         # island-0 does not come back (it finished); the straggler's next round closes on its push.
         late = c.register("island-1")

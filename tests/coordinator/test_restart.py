@@ -25,16 +25,15 @@ from coordinator.store import sqlite_store
 from island.run_cli import write_initial_model
 from sim.run import ProcessGroup, SimConfig
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS
-from tests.coordinator.processes import admin_status, free_port, harness_for, start_coordinator
+from tests.coordinator.processes import (
+    admin_status,
+    free_port,
+    harness_for,
+    restart_coordinator,
+    start_coordinator,
+)
 
 RUN_TIMEOUT_S = 300.0
-
-
-def restart(group: ProcessGroup, files, state_dir: Path, port: int, *overrides: str) -> dict:
-    group.kill("coordinator")
-    (state_dir / "address").unlink(missing_ok=True)
-    start_coordinator(group, "coordinator", files, state_dir, port, *overrides)
-    return admin_status(port)
 
 
 def test_acknowledged_pushes_survive_a_kill_and_apply_once(run_files, tmp_path):
@@ -48,7 +47,7 @@ def test_acknowledged_pushes_survive_a_kill_and_apply_once(run_files, tmp_path):
         lease0, lease1 = c.register("island-0"), c.register("island-1")
         assert c.push(lease0, 0, 0, 0, c.pseudo_grad(0, seed=0)).accepted  # acknowledged, pending
 
-        status = restart(group, run_files, state_dir, port, *overrides)
+        status = restart_coordinator(group, run_files, state_dir, port, *overrides)
         assert status["version"] == 0 and status["pending_pushes"] == 1
         with pytest.raises(grpc.RpcError) as err:  # the old epoch is fenced
             c.push(lease1, 0, 0, 0, c.pseudo_grad(0, seed=1))
@@ -64,7 +63,7 @@ def test_acknowledged_pushes_survive_a_kill_and_apply_once(run_files, tmp_path):
         assert reply.version == 1  # the round closed with both pushes
         theta_b = c.register_reply("island-2").theta_b_sha256
 
-        status = restart(group, run_files, state_dir, port, *overrides)
+        status = restart_coordinator(group, run_files, state_dir, port, *overrides)
         assert status["version"] == 1 and status["resumed"] and status["replayed_versions"] == 1
         assert c.register_reply("island-2").theta_b_sha256 == theta_b  # replayed bit for bit
         again = c.register("island-1")
