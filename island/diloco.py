@@ -69,6 +69,9 @@ class DiLoCoConfig:
     # that leave one random init are still far from linearly connected); empty: H every round.
     round_steps: list[int] = field(default_factory=list)
     eval_every_rounds: int = 1  # island 0 evaluates θ_b after every k-th round; 0: never
+    # On those rounds island 0 also evaluates its own model just before the merge (one fragment
+    # only): the difference is what the merge bought (`merge_gain` in the sim report).
+    eval_before_merge: bool = True
     # Overlap (DESIGN.md step 10): keep training while a sync is in flight and merge the new θ_b
     # when it arrives; block only when a fragment is due again before its last sync has merged.
     overlap: bool = False
@@ -221,11 +224,14 @@ class DiLoCoClient:
         try:
             for round_ in range(start, self.cfg.rounds):
                 per_fragment = self.cfg.steps_in_round(round_) // self.cfg.fragments
+                local_loss = None
                 for fragment in order:
                     self.inner_steps(per_fragment)
+                    if fragment == order[-1]:
+                        local_loss = self.maybe_evaluate_local()
                     self.sync(fragment, last=round_ == self.cfg.rounds - 1)
                 self.stats.rounds += 1
-                self.maybe_evaluate()
+                self.maybe_evaluate(local_loss)
             if self.cfg.wait_last_merge:
                 self.wait_until(lambda: not self.outstanding, "the last syncs to merge")
             else:
@@ -269,11 +275,29 @@ class DiLoCoClient:
             self.loss_count += 1
             self.token_sum += s.tokens
 
-    def maybe_evaluate(self) -> None:
+    def evaluates_round(self, rounds: int) -> bool:
+        """Whether island 0 evaluates θ_b once `rounds` rounds are done."""
         k = self.cfg.eval_every_rounds
-        if k and self.island_id_index == 0 and self.stats.rounds % k == 0:
-            self.stats.eval_curve.append({"round": self.stats.rounds, "version": self.version,
-                                          "loss": self.evaluate_broadcast()})
+        return bool(k) and self.island_id_index == 0 and rounds % k == 0
+
+    def maybe_evaluate_local(self) -> float | None:
+        """Eval loss of this island's own model just before the round's sync, on rounds that
+        evaluate θ_b, with one fragment (with several, part of the round is merged already).
+        Against θ_b's loss after the merge it shows what the merge bought: negative when the
+        islands drifted so far apart that their average is worse than each of them."""
+        if (not self.cfg.eval_before_merge or self.cfg.fragments != 1
+                or not self.evaluates_round(self.stats.rounds + 1)):
+            return None
+        return self.trainer.evaluate()
+
+    def maybe_evaluate(self, local_loss: float | None = None) -> None:
+        if not self.evaluates_round(self.stats.rounds):
+            return
+        point: dict[str, float] = {"round": self.stats.rounds, "version": self.version,
+                                   "loss": self.evaluate_broadcast()}
+        if local_loss is not None:
+            point["local_loss"] = local_loss
+        self.stats.eval_curve.append(point)
 
     @property
     def island_id_index(self) -> int:

@@ -14,7 +14,7 @@ from archipelago.plots import line_plot
 from archipelago.runinfo import run_metadata, write_json
 from sim.run import SimConfig, simulate
 
-SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss",
+SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss", "merge_gain",
            "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
            "compute_utilization", "peak_wan_bits_per_s", "fp32_sync_to_compute_ratio", "codec",
            "theta_b_identical", "replica_groups", "ranks_per_group", "expert_parallel",
@@ -56,6 +56,9 @@ def main(argv: list[str]) -> int:
     report.update(run_metadata(cfg.train.seed, cfg))
     series = {"DiLoCo (θ_b, island 0)": ([p["tokens"] for p in report["diloco_eval_curve"]],
                                          [p["loss"] for p in report["diloco_eval_curve"]])}
+    before = [p for p in report["diloco_eval_curve"] if "local_loss" in p]
+    if before:
+        series["island 0 before each merge"] = ([p["tokens"] for p in before], [p["local_loss"] for p in before])
     if "baseline_eval_curve" in report:
         series["data-parallel baseline"] = ([p["tokens"] for p in report["baseline_eval_curve"]],
                                             [p["loss"] for p in report["baseline_eval_curve"]])

@@ -212,6 +212,17 @@ def synced_numel(model_cfg: ModelConfig) -> int:
             sum(b.numel() for n, b in model.named_buffers() if n in persistent and b.is_floating_point()))
 
 
+def eval_point(point: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """One point of island 0's eval curve for the report: θ_b's loss after the round's merge and,
+    when the island measured it, its own model's loss before the merge and the difference
+    (`merge_gain` > 0: the average is better than the island alone)."""
+    out = {"tokens": tokens, "loss": point["loss"], "version": point["version"]}
+    if "local_loss" in point:
+        out["local_loss"] = point["local_loss"]
+        out["merge_gain"] = point["local_loss"] - point["loss"]
+    return out
+
+
 def one_process(cfg: SimConfig) -> SimConfig:
     """The job as one process trains it (the baseline, the warm start, evaluation), whatever the
     islands' replica groups and ranks."""
@@ -269,9 +280,12 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         "fp32_sync_to_compute_ratio": fp32_sync_ratio(cfg, result["islands"]),
         "bandwidth_timeline": [{"t_s": t / 10, "bits_per_s": b * 80} for link in result["links"][:1]
                                for t, b in sorted(link.timeline.items())],
-        "diloco_eval_curve": [{"tokens": cfg.diloco.steps_before(p["round"]) * n * tokens_per_step, "loss": p["loss"],
-                               "version": p["version"]} for p in result["islands"][0]["eval_curve"]],
+        "diloco_eval_curve": [eval_point(p, cfg.diloco.steps_before(p["round"]) * n * tokens_per_step)
+                              for p in result["islands"][0]["eval_curve"]],
     }
+    # What the last merge bought: island 0's own model before it against θ_b after it.
+    last = report["diloco_eval_curve"][-1] if report["diloco_eval_curve"] else {}
+    report["merge_gain"] = last.get("merge_gain")
     if cfg.island.num_replica_groups > 1 or cfg.parallel.num_ranks > 1:  # islands of replica groups
         report.update({key: result["islands"][0][key] for key in ("replica_groups", "ranks_per_group",
                                                                    "expert_parallel")})

@@ -43,6 +43,25 @@ class CheckedClient(DiLoCoClient):
         self.sync_moves.append(max(float((self.local[n] - before[n]).abs().max()) for n in before))
 
 
+def run_lone_island(tmp_path, cfg: SimConfig, client_cls: type[DiLoCoClient], trainer: Trainer) -> DiLoCoClient:
+    """Serve a coordinator process for `cfg`, run one island in this process to the end; the client.
+    The coordinator is killed (by PID) whatever happens."""
+    preset = tmp_path / "run.toml"
+    preset.write_text(cfglib.dump_toml(asdict(cfg)))
+    state = tmp_path / "coordinator"
+    write_initial_model(cfg, state / "init")
+    group = ProcessGroup(tmp_path)
+    try:
+        coord = group.start("coordinator", ["coordinator", "serve", "--preset", str(preset), "--init",
+                                            str(state / "init"), "--state-dir", str(state), "--port", "0"])
+        address = wait_for_file(state / "address", coord, 60)
+        client = client_cls(cfg.diloco, trainer, address, "island-0")
+        client.run()
+        return client
+    finally:
+        group.kill_all()
+
+
 def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     """Each sync may differ from a no-op only by the fp32 rounding of Δ = θ_b − θ_local (~1e-10 here).
 
@@ -55,22 +74,10 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
                      "diloco.codec=fp32", "coordinator.broadcast_scheme=fp32", "coordinator.outer_lr=1.0",
                      "coordinator.outer_momentum=0.0", "coordinator.checkpoint_every=0",
                      "diloco.eval_every_rounds=0")
-    preset = tmp_path / "run.toml"
-    preset.write_text(cfglib.dump_toml(asdict(cfg)))
-    state = tmp_path / "coordinator"
-    write_initial_model(cfg, state / "init")
-    group = ProcessGroup(tmp_path)
-    try:
-        coord = group.start("coordinator", ["coordinator", "serve", "--preset", str(preset), "--init",
-                                            str(state / "init"), "--state-dir", str(state), "--port", "0"])
-        address = wait_for_file(state / "address", coord, 60)
-        island = Trainer(cfg, total_steps=steps)
-        client = CheckedClient(cfg.diloco, island, address, "island-0")
-        client.run()
-        # run() ends with close(), which waits for the client's threads: none may outlive it.
-        assert [t.name for t in client._threads if t.is_alive()] == []
-    finally:
-        group.kill_all()
+    island = Trainer(cfg, total_steps=steps)
+    client = run_lone_island(tmp_path, cfg, CheckedClient, island)
+    # run() ends with close(), which waits for the client's threads: none may outlive it.
+    assert [t.name for t in client._threads if t.is_alive()] == []
 
     plain = Trainer(cfg, total_steps=steps)
     for _ in range(steps):
@@ -81,6 +88,19 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
                     zip(island.model.parameters(), plain.model.parameters(), strict=True))
     assert island.step == plain.step == steps
     assert worst <= 1e-6, f"DiLoCo with H=1, lr=1, momentum=0, fp32 drifted {worst:.3g} from plain training"
+
+
+def test_merge_gain_of_a_lone_island_with_a_lossless_merge_is_zero(tmp_path, sim_config):
+    """With one island, fp32 both ways, outer lr 1 and no momentum the merge hands the island back
+    its own model, so the loss island 0 measures before each merge equals θ_b's after it."""
+    cfg = sim_config("sim.islands=1", "diloco.inner_steps=3", "diloco.rounds=3", "diloco.codec=fp32",
+                     "coordinator.broadcast_scheme=fp32", "coordinator.outer_lr=1.0",
+                     "coordinator.outer_momentum=0.0", "coordinator.checkpoint_every=0")
+    stats = run_lone_island(tmp_path, cfg, DiLoCoClient, Trainer(cfg, total_steps=9)).stats
+    assert [p["round"] for p in stats.eval_curve] == [1, 2, 3]
+    for point in stats.eval_curve:
+        assert point["local_loss"] == pytest.approx(point["loss"], abs=1e-5), point
+    assert stats.eval_curve[0]["loss"] > stats.eval_curve[-1]["loss"]
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -38,3 +38,7 @@ def test_a_warm_started_run_uses_its_round_steps_and_both_runs_start_from_the_ch
     # the baseline's step-0 evaluation is the warm-start checkpoint's own eval loss
     assert report["baseline_eval_curve"][0]["loss"] == pytest.approx(report["warmstart"]["eval_loss"], rel=1e-6)
     assert report["baseline_tokens"] == report["tokens"]
+    # island 0 measured its own model before each merge; the report says what each merge bought
+    curve = report["diloco_eval_curve"]
+    assert len(curve) == 2 and all(p["merge_gain"] == p["local_loss"] - p["loss"] for p in curve)
+    assert report["merge_gain"] == curve[-1]["merge_gain"]
