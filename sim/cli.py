@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from archipelago import config as cfglib
 from archipelago.console import console, summary_table
@@ -31,7 +32,21 @@ def parser() -> argparse.ArgumentParser:
                                  '"20mbit,80ms,5ms,0.1%%" (rate, one-way latency, jitter, loss)')
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted name (repeatable)")
+    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                   help="run the simulation once per seed (train.seed), each in DIR/seed-S/, and write "
+                        "the spread of the gap across them to DIR/report.json")
     return p
+
+
+def seed_list(text: str) -> list[int]:
+    """`--seeds`: distinct integers separated by commas."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got '{text}'") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got '{text}'")
+    return seeds
 
 
 def main(argv: list[str]) -> int:
@@ -47,12 +62,52 @@ def main(argv: list[str]) -> int:
         overrides.append(f"diloco.fragments={args.fragments}")
     if args.wan is not None:
         overrides.append(f"sim.wan={json.dumps(args.wan)}")
-    cfg = cfglib.load(SimConfig, args.preset, overrides)
     out = Path(args.report)
-    console.print(f"[bold]archipelago sim[/] · {args.preset}: {cfg.sim.islands} islands × "
-                  f"{cfg.diloco.rounds} rounds × H={cfg.diloco.inner_steps}, codec {cfg.diloco.codec}; "
-                  f"logs in {out}/")
-    report = simulate(cfg, out, args.preset)
+    if args.seeds is None:
+        run_one(cfglib.load(SimConfig, args.preset, overrides), out, args.preset)
+        return 0
+    if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
+        raise cfglib.ConfigError("--seeds sets train.seed for each run; drop --set train.seed=...")
+    configs = [cfglib.load(SimConfig, args.preset, [*overrides, f"train.seed={seed}"]) for seed in args.seeds]
+    reports = [run_one(cfg, out / f"seed-{seed}", args.preset) for seed, cfg in zip(args.seeds, configs, strict=True)]
+    spread = seed_spread(args.seeds, reports)
+    spread.update(run_metadata(args.seeds, configs[0]))
+    write_json(out / "report.json", spread)
+    console.print(summary_table(f"archipelago sim · {args.preset} · {len(args.seeds)} seeds",
+                                {k: v for k, v in spread.items() if k in SPREAD_SUMMARY}))
+    console.print(f"report: {out / 'report.json'}")
+    return 0
+
+
+# Per-run fields the seed spread lists, and those it summarises (mean, std, min, max).
+SPREAD_FIELDS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "merge_gain", "comm_reduction",
+                 "wan_bytes", "wall_s")
+SPREAD_STATS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "comm_reduction")
+SPREAD_SUMMARY = ("seeds", *(f"{k}_{s}" for k in ("loss_gap_rel", "comm_reduction") for s in ("mean", "std", "min", "max")))
+
+
+def seed_spread(seeds: list[int], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same run under several seeds: each run's figures, and for the main ones their mean,
+    sample standard deviation (0 for one seed), min and max."""
+    out: dict[str, Any] = {"seeds": seeds, "runs": [
+        {"seed": seed, "report": f"seed-{seed}/report.json", **{k: r.get(k) for k in SPREAD_FIELDS}}
+        for seed, r in zip(seeds, reports, strict=True)]}
+    for key in SPREAD_STATS:
+        values = [r[key] for r in reports if r.get(key) is not None]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        out.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_min": min(values), f"{key}_max": max(values)})
+    return out
+
+
+def run_one(cfg: SimConfig, out: Path, preset: str) -> dict[str, Any]:
+    """One simulated run (and its baseline) into `out`: report.json, plots, a summary table."""
+    console.print(f"[bold]archipelago sim[/] · {preset}: {cfg.sim.islands} islands × "
+                  f"{cfg.diloco.rounds} rounds × H={cfg.diloco.inner_steps}, codec {cfg.diloco.codec}, "
+                  f"seed {cfg.train.seed}; logs in {out}/")
+    report = simulate(cfg, out, preset)
     report.update(run_metadata(cfg.train.seed, cfg))
     series = {"DiLoCo (θ_b, island 0)": ([p["tokens"] for p in report["diloco_eval_curve"]],
                                          [p["loss"] for p in report["diloco_eval_curve"]])}
@@ -71,7 +126,7 @@ def main(argv: list[str]) -> int:
             xlabel="seconds", ylabel="Mbit/s (100 ms bins)", title=f"WAN traffic, {report['wan'][0]}")
     report["bandwidth_timeline_island0"] = timeline
     write_json(out / "report.json", report)
-    console.print(summary_table(f"archipelago sim · {args.preset}",
+    console.print(summary_table(f"archipelago sim · {preset}",
                                 {k: report[k] for k in SUMMARY if k in report}))
     console.print(f"report: {out / 'report.json'}")
-    return 0
+    return report
