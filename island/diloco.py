@@ -69,8 +69,9 @@ class DiLoCoConfig:
     # that leave one random init are still far from linearly connected); empty: H every round.
     round_steps: list[int] = field(default_factory=list)
     eval_every_rounds: int = 1  # island 0 evaluates θ_b after every k-th round; 0: never
-    # On those rounds island 0 also evaluates its own model just before the merge (one fragment
-    # only): the difference is what the merge bought (`merge_gain` in the sim report).
+    # On those rounds island 0 also evaluates its own model just before the merge (one fragment,
+    # no overlap: only then is θ_b right after the sync the merge of that model): the difference
+    # is what the merge bought (`merge_gain` in the sim report).
     eval_before_merge: bool = True
     # Overlap (DESIGN.md step 10): keep training while a sync is in flight and merge the new θ_b
     # when it arrives; block only when a fragment is due again before its last sync has merged.
@@ -282,10 +283,11 @@ class DiLoCoClient:
 
     def maybe_evaluate_local(self) -> float | None:
         """Eval loss of this island's own model just before the round's sync, on rounds that
-        evaluate θ_b, with one fragment (with several, part of the round is merged already).
-        Against θ_b's loss after the merge it shows what the merge bought: negative when the
-        islands drifted so far apart that their average is worse than each of them."""
-        if (not self.cfg.eval_before_merge or self.cfg.fragments != 1
+        evaluate θ_b. Only with one fragment (with several, part of the round is merged already)
+        and without overlap (with it, the θ_b evaluated after the sync is still the previous
+        round's). Against θ_b's loss after the merge it shows what the merge bought: negative when
+        the islands drifted so far apart that their average is worse than each of them."""
+        if (not self.cfg.eval_before_merge or self.cfg.fragments != 1 or self.cfg.overlap
                 or not self.evaluates_round(self.stats.rounds + 1)):
             return None
         return self.trainer.evaluate()

@@ -284,8 +284,8 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
                               for p in result["islands"][0]["eval_curve"]],
     }
     # What the last merge bought: island 0's own model before it against θ_b after it.
-    last = report["diloco_eval_curve"][-1] if report["diloco_eval_curve"] else {}
-    report["merge_gain"] = last.get("merge_gain")
+    if report["diloco_eval_curve"] and "merge_gain" in report["diloco_eval_curve"][-1]:
+        report["merge_gain"] = report["diloco_eval_curve"][-1]["merge_gain"]
     if cfg.island.num_replica_groups > 1 or cfg.parallel.num_ranks > 1:  # islands of replica groups
         report.update({key: result["islands"][0][key] for key in ("replica_groups", "ranks_per_group",
                                                                    "expert_parallel")})

@@ -90,14 +90,20 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     assert worst <= 1e-6, f"DiLoCo with H=1, lr=1, momentum=0, fp32 drifted {worst:.3g} from plain training"
 
 
-def test_merge_gain_of_a_lone_island_with_a_lossless_merge_is_zero(tmp_path, sim_config):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_merge_gain_of_a_lone_island_with_a_lossless_merge_is_zero(tmp_path, sim_config, overlap):
     """With one island, fp32 both ways, outer lr 1 and no momentum the merge hands the island back
-    its own model, so the loss island 0 measures before each merge equals θ_b's after it."""
+    its own model, so the loss island 0 measures before each merge equals θ_b's after it. With
+    overlap the θ_b evaluated after a sync is the previous round's: no before-merge loss then."""
     cfg = sim_config("sim.islands=1", "diloco.inner_steps=3", "diloco.rounds=3", "diloco.codec=fp32",
                      "coordinator.broadcast_scheme=fp32", "coordinator.outer_lr=1.0",
-                     "coordinator.outer_momentum=0.0", "coordinator.checkpoint_every=0")
+                     "coordinator.outer_momentum=0.0", "coordinator.checkpoint_every=0",
+                     f"diloco.overlap={str(overlap).lower()}")
     stats = run_lone_island(tmp_path, cfg, DiLoCoClient, Trainer(cfg, total_steps=9)).stats
     assert [p["round"] for p in stats.eval_curve] == [1, 2, 3]
+    if overlap:
+        assert not any("local_loss" in p for p in stats.eval_curve)
+        return
     for point in stats.eval_curve:
         assert point["local_loss"] == pytest.approx(point["loss"], abs=1e-5), point
     assert stats.eval_curve[0]["loss"] > stats.eval_curve[-1]["loss"]
