@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     if args.seeds is None:
         run_one(cfglib.load(SimConfig, args.preset, overrides), out, args.preset)
         return 0
-    if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
+    if any(cfglib.parse_override(o)[0] == ["train", "seed"] for o in overrides):
         raise cfglib.ConfigError("--seeds sets train.seed for each run; drop --set train.seed=...")
     configs = [cfglib.load(SimConfig, args.preset, [*overrides, f"train.seed={seed}"]) for seed in args.seeds]
     reports = [run_one(cfg, out / f"seed-{seed}", args.preset) for seed, cfg in zip(args.seeds, configs, strict=True)]
