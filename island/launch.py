@@ -214,7 +214,7 @@ def run_head(args: argparse.Namespace, job: Any, supervisor_for=None) -> dict[st
     """Run the island's head until the DiLoCo client is done; with `supervisor_for(gateway_url,
     lighthouse)` also start and supervise the ranks here. Returns the island's report."""
     from island.gateway import GatewayServer, GatewayState, IslandGateway
-    from island.run_cli import run_island
+    from island.job import run_island
 
     cfg: ReplicaGroupsConfig = job.island
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum tick at info

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from island.run_cli import IslandJobConfig
+from island.job import IslandJobConfig
 from posttrain.rollout import RolloutConfig
 from posttrain.stages import DPOSection, GRPOSection, PosttrainSection, SFTSection
 from posttrain.tasks import TaskConfig

@@ -12,7 +12,8 @@ import statistics
 from typing import Any
 
 from archipelago import config as cfglib
-from island.run_cli import add_run_arguments, check_island_index, run_island
+from island.job import run_island
+from island.run_cli import add_run_arguments, check_island_index
 from posttrain.config import PosttrainJobConfig
 from posttrain.stages import STAGES, TRAINERS, StageTrainer
 

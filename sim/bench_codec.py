@@ -20,7 +20,7 @@ from archipelago import config as cfglib
 from archipelago.console import console
 from archipelago.runinfo import run_metadata, write_json
 from island.diloco import synced_tensors
-from island.run_cli import IslandJobConfig
+from island.job import IslandJobConfig
 from island.train import Trainer
 from protos.codec import decode, encode, payload_nbytes
 from protos.quant import SCHEMES

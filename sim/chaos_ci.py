@@ -48,7 +48,7 @@ from archipelago.config import ConfigError
 from archipelago.runinfo import run_metadata
 from coordinator.store import StateStore, sqlite_store
 from island.data import open_dataset
-from island.run_cli import write_initial_model
+from island.job import write_initial_model
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from sim.faults import FaultsSection, Injector, dp_goodput, overlap, schedule

@@ -25,8 +25,8 @@ from archipelago.checkpoint import read_checkpoint, write_checkpoint
 from archipelago.config import ConfigError
 from coordinator.config import CoordinatorConfig
 from island.data import open_dataset
+from island.job import IslandJobConfig, write_initial_model
 from island.model import ModelConfig, Transformer
-from island.run_cli import IslandJobConfig, write_initial_model
 from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc

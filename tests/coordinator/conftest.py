@@ -32,7 +32,7 @@ import zstandard
 from archipelago.checkpoint import read_manifest
 from coordinator.config import CoordinatorConfig
 from coordinator.server import grpc_options, load_init, serve
-from island.run_cli import IslandJobConfig, load_job, write_initial_model
+from island.job import IslandJobConfig, load_job, write_initial_model
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload, encode, split_chunks

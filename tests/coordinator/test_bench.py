@@ -9,7 +9,7 @@ import pytest
 
 from archipelago import config as cfglib
 from coordinator import bench
-from island.run_cli import IslandJobConfig
+from island.job import IslandJobConfig
 from sim.bench import main as bench_main
 from sim.run import synced_numel
 

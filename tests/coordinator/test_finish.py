@@ -9,7 +9,7 @@ import threading
 
 from coordinator.config import CoordinatorConfig
 from island.diloco import DiLoCoClient
-from island.run_cli import load_job
+from island.job import load_job
 from island.train import Trainer
 from sim.run import ProcessGroup
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness

@@ -22,7 +22,7 @@ import pytest
 from archipelago import config as cfglib
 from coordinator.config import CoordinatorConfig
 from coordinator.store import sqlite_store
-from island.run_cli import write_initial_model
+from island.job import write_initial_model
 from sim.run import ProcessGroup, SimConfig
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS
 from tests.coordinator.processes import (

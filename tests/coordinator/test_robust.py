@@ -16,7 +16,7 @@ from coordinator.aggregate import Aggregator, clip_scales, trimmed_mean, trimmed
 from coordinator.config import CoordinatorConfig
 from coordinator.params import Contribution, ParamState
 from island.diloco import DiLoCoClient
-from island.run_cli import load_job
+from island.job import load_job
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from protos.broadcast import digest

@@ -24,7 +24,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.security import is_loopback, server_credentials
 from coordinator.server import Coordinator
 from island.diloco import DiLoCoClient
-from island.run_cli import load_job
+from island.job import load_job
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS, CoordinatorHarness

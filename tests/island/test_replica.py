@@ -21,8 +21,8 @@ from torch.distributed import TCPStore
 
 from archipelago import config as cfglib
 from archipelago.config import ConfigError
+from island.job import IslandJobConfig
 from island.replica import ReplicaTrainer, TorchftEndpoint, tensors_sha256
-from island.run_cli import IslandJobConfig
 from island.train import Trainer, model_tensors, optimizer_tensors
 
 WORDS = "the king queen lord of and to my a is that in thou thy with not be his for me this you".split()

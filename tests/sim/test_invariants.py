@@ -15,7 +15,7 @@ import torch
 
 from archipelago import config as cfglib
 from island.diloco import DiLoCoClient
-from island.run_cli import write_initial_model
+from island.job import write_initial_model
 from island.train import Trainer
 from sim.run import ProcessGroup, SimConfig, simulate, wait_for_file
 
