@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from island.model import MLP, ModelConfig
+from island.mlp import MLP
+from island.model_config import ModelConfig
 
 
 @dataclass

@@ -18,7 +18,7 @@ BLOCK = 4096
 
 
 def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """g, u: [..., F] → [..., F]; what `island.model.MLP` computes between its projections."""
+    """g, u: [..., F] → [..., F]; what `island.mlp.MLP` computes between its projections."""
     return F.silu(g) * u
 
 
