@@ -110,12 +110,11 @@ class _VLLMBackend:
 
         from vllm import LLM
 
-        from serving.export import ExportOptions, choose_layout, write_folder
+        from serving.export import ExportOptions, model_layout, write_folder
 
-        unbiased = all(bool((m.expert_bias == 0).all()) for m in self.model.moe_layers())
+        layout = model_layout(self.model)
         shutil.rmtree(self.folder, ignore_errors=True)
-        write_folder(self.folder, self.model, self.tokenizer, choose_layout(self.model.cfg, unbiased),
-                     ExportOptions(dtype="fp32"))
+        write_folder(self.folder, self.model, self.tokenizer, layout, ExportOptions(dtype="fp32"))
         self.llm = LLM(model=str(self.folder), dtype="float32", enforce_eager=True,
                        max_model_len=self.model.cfg.max_seq_len)
         self.loaded_digest = digest

@@ -2,17 +2,29 @@
 
     archipelago export --checkpoint runs/x/ckpt --out models/x [--dtype bf16|fp32] [--fp8]
                        [--verify] [--gate gates.toml] [--max-shard-size 2GB]
+
+With `--gate` the command runs the promotion gate (serving/gate.py) on the checkpoint, then the
+export (serving/export.py), which knows nothing of the gate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from serving.export import VERIFY_TOLERANCE, ExportOptions, export_checkpoint
+from serving import gate
+from serving.export import (
+    VERIFY_TOLERANCE,
+    ExportOptions,
+    ExportReport,
+    export_model,
+    load_checkpoint,
+    model_layout,
+)
 from serving.hf_folder import parse_size
 
 
@@ -30,13 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_gated(checkpoint: str | Path, out: str | Path, options: ExportOptions,
+                 gates: str | Path | None = None) -> ExportReport:
+    """Gate, then export: the checkpoint's metrics must pass the gates file (when given) before
+    anything is written; the folder then carries promotion.json. Nothing appears under `out` on
+    any failure."""
+    checkpoint = Path(checkpoint)
+    thresholds = gate.load_gate(gates) if gates else []
+    model, job, manifest = load_checkpoint(checkpoint)
+    layout = model_layout(model)
+    metrics: dict[str, float] = {}
+    if thresholds:
+        metrics = gate.evaluate(thresholds, model, job)
+        gate.check(thresholds, metrics)
+
+    def promotion(report: ExportReport) -> dict[str, str]:
+        record = gate.promotion_record(thresholds, metrics, checkpoint, manifest)
+        return {"promotion.json": json.dumps({**record, "export": {
+            "architecture": layout.architecture, "dtype": options.dtype, "fp8": options.fp8,
+            "verify": report.verify}}, indent=2)}
+
+    report = export_model(model, job, out, options, layout, promotion if thresholds else None)
+    report.metrics = metrics
+    return report
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = ExportOptions(dtype=args.dtype, fp8=args.fp8, max_shard_bytes=parse_size(args.max_shard_size),
-                            verify=args.verify, gate=args.gate)
+                            verify=args.verify)
     console = Console()
     with console.status("exporting"):
-        report = export_checkpoint(args.checkpoint, args.out, options)
+        report = export_gated(args.checkpoint, args.out, options, args.gate)
     table = Table(title=f"exported {args.checkpoint}", show_header=False)
     table.add_column(style="bold")
     table.add_column()

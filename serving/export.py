@@ -1,8 +1,10 @@
 """Checkpoint -> Hugging Face model folder that transformers and vLLM load as-is.
 
-The folder is built under a temporary sibling name and renamed into place only after the gate
-passed and (with verify) transformers reproduced our logits, so a folder under the final name
-is always complete and, when asked, checked.
+The folder is built under a temporary sibling name and renamed into place only after (with
+verify) transformers reproduced our logits, so a folder under the final name is always complete
+and, when asked, checked. The promotion gate (serving/gate.py) is not this module's: the export
+command (serving/cli.py) runs the gate first, then the export, whose `extra_files` puts the
+gate's promotion.json in the folder before it is moved into place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from archipelago.checkpoint import CheckpointError, read_checkpoint
 from island.data import Tokenizer, open_dataset
 from island.model import Transformer, build_model
 from island.train import TrainJobConfig, load_model_tensors, model_tensors
-from serving import fp8, gate
+from serving import fp8
 from serving.hf_folder import generation_config, load_exported, write_tensors, write_tokenizer
 from serving.hf_names import ExportError, HFLayout, choose_layout, hf_config, to_hf
 
@@ -46,7 +49,6 @@ class ExportOptions:
     fp8: bool = False
     max_shard_bytes: int = 2 * 10**9
     verify: bool = False
-    gate: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -160,16 +162,24 @@ def _temporary_sibling(out: Path) -> Path:
     return tmp
 
 
+def model_layout(model: Transformer) -> HFLayout:
+    """The HF layout `model` exports to (ExportError when none fits it)."""
+    return choose_layout(model.cfg, all(bool((m.expert_bias == 0).all()) for m in model.moe_layers()))
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOptions) -> ExportReport:
-    """Gate, export, verify, then move into place; nothing appears under `out` on any failure."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    thresholds = gate.load_gate(options.gate) if options.gate else []
-    model, job, manifest = load_checkpoint(checkpoint)
-    layout = choose_layout(model.cfg, all(bool((m.expert_bias == 0).all()) for m in model.moe_layers()))
-    metrics: dict[str, float] = {}
-    if thresholds:
-        metrics = gate.evaluate(thresholds, model, job)
-        gate.check(thresholds, metrics)
+    """Export, verify, then move into place; nothing appears under `out` on any failure."""
+    model, job, _ = load_checkpoint(checkpoint)
+    return export_model(model, job, out, options, model_layout(model))
+
+
+def export_model(model: Transformer, job: TrainJobConfig, out: str | Path, options: ExportOptions,
+                 layout: HFLayout, extra_files: Callable[[ExportReport], dict[str, str]] | None = None,
+                 ) -> ExportReport:
+    """Export `model` (as `load_checkpoint` read it) in `layout`, verify, then move into place;
+    nothing appears under `out` on any failure. `extra_files(report)` -> {name: text}: files
+    added to the folder after verify and before the move (the gate's promotion.json)."""
+    out = Path(out)
     model = model.cpu().eval()
     tokenizer = open_dataset(job.data).tokenizer
     if tokenizer.vocab_size > model.cfg.vocab_size:
@@ -183,16 +193,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
         if verify and verify["max_abs_logit_diff"] > VERIFY_TOLERANCE:
             raise ExportError(f"verify failed: transformers' logits differ from ours by "
                               f"{verify['max_abs_logit_diff']:.3g} > {VERIFY_TOLERANCE:g} on the same weights")
-        if thresholds:
-            record = gate.promotion_record(thresholds, metrics, checkpoint, manifest)
-            (tmp / "promotion.json").write_text(json.dumps({**record, "export": {
-                "architecture": layout.architecture, "dtype": options.dtype, "fp8": options.fp8,
-                "verify": verify}}, indent=2))
-            files.append("promotion.json")
+        report = ExportReport(out, layout, files, model.num_params(), verify=verify)
+        for name, text in (extra_files(report) if extra_files else {}).items():
+            (tmp / name).write_text(text)
+            files.append(name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return ExportReport(out, layout, files, model.num_params(), metrics, verify)
+    return report

@@ -13,6 +13,7 @@ from archipelago.cli import main as cli
 from island.data import Tokenizer
 from island.train import model_tensors
 from serving import fp8
+from serving.cli import export_gated
 from serving.export import ExportOptions, export_checkpoint, load_checkpoint, load_with_transformers
 from serving.hf_folder import INDEX, has_selection_bias, load_exported, read_tensors
 from serving.hf_names import QWEN3_MOE, ExportError, to_hf
@@ -147,7 +148,7 @@ def test_the_gate_refuses_a_checkpoint_below_threshold_naming_the_metric(checkpo
 def test_the_gate_passes_and_writes_promotion_json(checkpoints, tmp_path):
     gates = tmp_path / "gates.toml"
     gates.write_text("[thresholds]\neval_loss_max = 50.0\n")
-    report = export_checkpoint(checkpoints["qwen3"], tmp_path / "m", ExportOptions(gate=gates))
+    report = export_gated(checkpoints["qwen3"], tmp_path / "m", ExportOptions(), gates)
     record = json.loads((report.out / "promotion.json").read_text())
     assert record["passed"] and 0 < record["metrics"]["eval_loss"] < 50
     assert record["thresholds"] == {"eval_loss_max": 50.0}
@@ -162,7 +163,7 @@ def test_the_gate_measures_task_accuracy_on_held_out_problems(checkpoints, tmp_p
     err = capsys.readouterr().err.strip()
     assert code == 2 and "task_accuracy = 0.0000 < task_accuracy_min = 0.5" in err  # an untrained model
     gates.write_text("[thresholds]\ntask_accuracy_min = 0.0\n\n[task]\nheldout_problems = 8\n")
-    report = export_checkpoint(checkpoints["qwen3"], tmp_path / "m", ExportOptions(gate=gates))
+    report = export_gated(checkpoints["qwen3"], tmp_path / "m", ExportOptions(), gates)
     record = json.loads((report.out / "promotion.json").read_text())
     assert record["metrics"] == {"task_accuracy": 0.0} and record["task"]["heldout_problems"] == 8
     gates.write_text("[thresholds]\ntask_accuracy_min = 0.5\n\n[task]\nname = \"chess\"\n")
