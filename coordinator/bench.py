@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 from archipelago import config as cfglib
 from archipelago.checkpoint import write_checkpoint
 from archipelago.console import console, progress
+from archipelago.procs import kill_group, wait_for_file
 from archipelago.runinfo import run_metadata, write_json
 from coordinator.config import CoordinatorConfig
 from protos import archipelago_pb2 as pb
@@ -115,14 +115,7 @@ class CoordinatorProcess:
                 start_new_session=True, env={**os.environ, "ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
 
     def wait_address(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.address_file.is_file() and self.address_file.read_text().strip():
-                return self.address_file.read_text().strip()
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the coordinator exited with {self.proc.returncode}:\n{self.tail()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"the coordinator wrote no address within {timeout_s:.0f}s:\n{self.tail()}")
+        return wait_for_file(self.address_file, self.proc, timeout_s, name="the coordinator", tail=self.tail)
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -135,9 +128,7 @@ class CoordinatorProcess:
                 self.proc.wait(timeout=30)
             except (grpc.RpcError, subprocess.TimeoutExpired):
                 pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        kill_group(self.proc)
 
 
 # ---- the islands -----------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 
 from archipelago.checkpoint import read_checkpoint
 from archipelago.config import build
+from archipelago.procs import free_port, kill_group
 from archipelago.runinfo import write_json
 from island.data import prepare
 from island.train import Trainer, TrainJobConfig, load_model_tensors, model_tensors
@@ -49,12 +48,6 @@ class WorkerError(RuntimeError):
         self.pids = pids
 
 
-def free_port(addr: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
-
-
 def _worker_argv(spec_path: Path, rank: int) -> list[str]:
     """The command that runs worker `rank` (a seam the tests replace to fake a crash)."""
     return [sys.executable, "-m", "sim.ddp", str(spec_path), str(rank)]
@@ -63,13 +56,7 @@ def _worker_argv(spec_path: Path, rank: int) -> list[str]:
 def _kill(procs: list[subprocess.Popen]) -> None:
     """SIGKILL each worker's process group (each worker leads its own session) and reap it."""
     for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for proc in procs:
-        proc.wait()
+        kill_group(proc, timeout_s=None)
         if proc.stdin:
             proc.stdin.close()
 

@@ -23,6 +23,7 @@ import torch
 from archipelago import config as cfglib
 from archipelago.checkpoint import read_checkpoint, write_checkpoint
 from archipelago.config import ConfigError
+from archipelago.procs import kill_group, wait_for_file
 from coordinator.config import CoordinatorConfig
 from island.data import open_dataset
 from island.job import IslandJobConfig, write_initial_model
@@ -89,28 +90,11 @@ class ProcessGroup:
         return "\n".join(text[-lines:])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=10)
+        kill_group(self.procs[name], sig)
 
     def kill_all(self) -> None:
         for name in self.procs:
             self.kill(name)
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before writing {path}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{path} did not appear within {timeout_s}s")
 
 
 def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tuple[str, ...] = ("island", "run"),

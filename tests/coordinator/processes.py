@@ -4,25 +4,18 @@ processes on fixed loopback ports, started and killed by PID through `sim.run.Pr
 from __future__ import annotations
 
 import json
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from archipelago import procs
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from sim.run import ProcessGroup
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, CoordinatorHarness, RunFiles
 
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def coordinator_argv(files: RunFiles, state_dir: Path, port: int, *overrides: str,
@@ -66,18 +59,14 @@ def admin_status(port: int, timeout: float = 5.0) -> dict[str, Any]:
 
 def wait_serving(group: ProcessGroup, name: str, port: int, timeout_s: float = START_TIMEOUT_S) -> dict[str, Any]:
     """Poll Admin.Status on `port` until it answers; fail early if the process exited."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        proc = group.procs[name]
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{group.tail(name, 30)}")
+    def status() -> dict[str, Any] | None:
         try:
             return admin_status(port, timeout=2.0)
         except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not serve on port {port} within {timeout_s}s:\n{group.tail(name)}")
-        time.sleep(0.1)
+            return None
+
+    return procs.wait_serving(status, group.procs[name], f"{name} (port {port})", timeout_s,
+                              tail=lambda: group.tail(name, 30))
 
 
 def harness_for(files: RunFiles, cfg: Any, port: int) -> CoordinatorHarness:

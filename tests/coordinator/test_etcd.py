@@ -23,11 +23,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from archipelago import procs
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd import EtcdSession, LeaderElection, etcd_store
 from coordinator.store import Fenced
 from sim.run import ProcessGroup
-from tests.coordinator.processes import admin_status, free_port, harness_for, start_coordinator, wait_serving
+from tests.coordinator.processes import admin_status, harness_for, start_coordinator, wait_serving
 
 pytestmark = [pytest.mark.etcd,
               pytest.mark.skipif(shutil.which("etcd") is None,
@@ -38,7 +39,7 @@ START_TIMEOUT_S = 30.0
 
 
 def start_etcd(data_dir) -> tuple[subprocess.Popen, str]:
-    client, peer = free_port(), free_port()
+    client, peer = procs.free_port(), procs.free_port()
     log = open(data_dir / "etcd.log", "w")
     proc = subprocess.Popen(
         ["etcd", "--name", "test", "--data-dir", str(data_dir / "data"),
@@ -47,21 +48,27 @@ def start_etcd(data_dir) -> tuple[subprocess.Popen, str]:
          "--initial-cluster", f"test=http://127.0.0.1:{peer}"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"127.0.0.1:{client}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"etcd exited with {proc.returncode}: {(data_dir / 'etcd.log').read_text()[-2000:]}")
+
+    def answers() -> bool:
         try:
             session = EtcdSession(endpoint, "/probe")
-            session.run(session.client.get(b"/probe"), timeout=2)
-            session.close()
-            return proc, endpoint
         except Exception:
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise
-            time.sleep(0.2)
+            return False
+        try:
+            session.run(session.client.get(b"/probe"), timeout=2)
+            return True
+        except Exception:
+            return False
+        finally:
+            session.close()
+
+    try:
+        procs.wait_serving(answers, proc, "etcd", START_TIMEOUT_S, poll_s=0.2,
+                           tail=lambda: (data_dir / "etcd.log").read_text()[-2000:])
+    except TimeoutError:
+        procs.kill_group(proc, timeout_s=None)
+        raise
+    return proc, endpoint
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +77,7 @@ def etcd(tmp_path_factory) -> Iterator[str]:
     try:
         yield endpoint
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        procs.kill_group(proc)
 
 
 def test_election_and_fenced_writes(etcd):
@@ -112,7 +118,7 @@ def test_election_and_fenced_writes(etcd):
 
 def test_standby_takes_over_and_the_paused_leader_cannot_commit(etcd, run_files, tmp_path):
     state_dir = tmp_path / "shared"
-    ports = {"a": free_port(), "b": free_port()}
+    ports = {"a": procs.free_port(), "b": procs.free_port()}
     overrides = ("coordinator.min_islands=2", "coordinator.quorum=0.6", f"coordinator.etcd_lease_ttl_s={TTL_S}",
                  f"coordinator.etcd_prefix=/test/{uuid.uuid4().hex}")
     group = ProcessGroup(tmp_path)
@@ -152,10 +158,8 @@ def test_standby_takes_over_and_the_paused_leader_cannot_commit(etcd, run_files,
         after = admin_status(ports["b"])
         assert after["version"] == 1 and [h["version"] for h in after["history"] if "version" in h] == [1]
     finally:
-        for name in ("a", "b"):
-            if name in group.procs and group.procs[name].poll() is None:
-                os.killpg(group.procs[name].pid, signal.SIGCONT)
-        group.kill_all()
+        for proc in group.procs.values():
+            procs.kill_paused_group(proc)
         for h in harness.values():
             for channel in h._channels:
                 channel.close()

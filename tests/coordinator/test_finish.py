@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import threading
 
+from archipelago.procs import free_port
 from coordinator.config import CoordinatorConfig
 from island.diloco import DiLoCoClient
 from island.job import load_job
 from island.train import Trainer
 from sim.run import ProcessGroup
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness
-from tests.coordinator.processes import free_port, harness_for, restart_coordinator, start_coordinator
+from tests.coordinator.processes import harness_for, restart_coordinator, start_coordinator
 
 
 def states(c: CoordinatorHarness) -> dict[str, str]:

@@ -20,18 +20,13 @@ import grpc
 import pytest
 
 from archipelago import config as cfglib
+from archipelago.procs import free_port
 from coordinator.config import CoordinatorConfig
 from coordinator.store import sqlite_store
 from island.job import write_initial_model
 from sim.run import ProcessGroup, SimConfig
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS
-from tests.coordinator.processes import (
-    admin_status,
-    free_port,
-    harness_for,
-    restart_coordinator,
-    start_coordinator,
-)
+from tests.coordinator.processes import admin_status, harness_for, restart_coordinator, start_coordinator
 
 RUN_TIMEOUT_S = 300.0
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from archipelago import config as cfglib
+from archipelago.procs import wait_for_file
 from island.diloco import DiLoCoClient
 from island.job import write_initial_model
 from island.train import Trainer
-from sim.run import ProcessGroup, SimConfig, simulate, wait_for_file
+from sim.run import ProcessGroup, SimConfig, simulate
 
 SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
          "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
