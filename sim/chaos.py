@@ -1,202 +1,45 @@
-"""`archipelago chaos`: fault injection inside an island of replica groups, checked end to end.
+"""`archipelago chaos`: a simulated multi-region run under faults, checked end to end.
 
-The run is `archipelago sim` on islands of replica groups (e.g. `island-parallel`); while it
-runs, the injector
+    --preset island-ci   faults inside an island (sim/island_faults.py): one rank of a replica group
+                         is SIGKILLed mid-run and its group restarted through the island's gateway;
+                         the island must go on pushing, lose no update, and the group heal bit for
+                         bit from its peer
+    --preset ci          faults across islands and the coordinator (sim/run_faults.py, on the
+                         processes and links of sim/chaos_cluster.py): the ci job without faults,
+                         then under a seeded schedule (kill an island, partition a link, kill the
+                         coordinator leader, slow an island, corrupt a push), with its goodput
+                         against synchronous data parallel under the same trace (sim/goodput.py)
 
-    1. waits until island I has pushed `kill_after_pushes` pseudo-gradients,
-    2. SIGKILLs rank R of its replica group G by PID (the island launcher then stops the group's
-       other ranks: a group fails as a unit, as under torchelastic),
-    3. waits until the island has pushed `restart_after_pushes` more while G is down, and asks the
-       island's gateway to start G again (`POST /groups/G/restart`),
-    4. waits until G has healed from its live peer (torchft's state transfer).
-
-The report adds what the run must have kept: the island went on pushing while G was down
-(`pushes_while_down`, each one applied by the coordinator); no push the coordinator acknowledged
-is missing from the global model (`updates_lost`, from the coordinator's sqlite state against the
-islands' push logs); the healed group holds its peer's state bit for bit (digests of each rank's
-shard at the transfer, and of the full model at every later sync point, where both groups post it).
+Both write report.json (and logs) under --report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import sqlite3
-import threading
-import time
-import urllib.request
-from dataclasses import dataclass, field
+import shutil
+import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from archipelago import config as cfglib
-from archipelago.config import ConfigError
 from archipelago.console import console, summary_table
 from archipelago.runinfo import run_metadata, write_json
-from sim.run import SimConfig, simulate
+from island.data import open_dataset
+from sim.chaos_cluster import run_cluster
+from sim.goodput import accounting, dp_goodput, step_seconds
+from sim.island_faults import IslandChaosConfig, IslandFaultInjector, chaos_fields, check_chaos
+from sim.run import simulate
+from sim.run_faults import RunChaosConfig, handles, load_config, recovery
 
-SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
-           "intra_island_failures", "intra_island_recoveries", "pushes_while_down", "updates_lost",
-           "recovered_bit_identical", "recovered_equals_peer_at_sync", "final_eval_loss", "theta_b_identical",
-           "passed", "wall_s")
-
-
-@dataclass
-class ChaosSection:
-    """Which rank to kill, and when (counted in the target island's acknowledged pushes)."""
-
-    island: int = 0
-    group: int = 1
-    rank: int = 0
-    kill_after_pushes: int = 1
-    restart_after_pushes: int = 1  # pushes the island makes with the group down before it restarts
-    timeout_s: float = 1200.0  # for each stage of the injection
-
-
-@dataclass
-class ChaosConfig(SimConfig):
-    chaos: ChaosSection = field(default_factory=ChaosSection)
-
-
-def check_chaos(cfg: ChaosConfig) -> None:
-    """The `[chaos]` table against the run's layout (here, not in `__post_init__`: the simulation
-    derives one-process copies of the config, which have no replica groups)."""
-    c = cfg.chaos
-    if cfg.island.num_replica_groups < 2:
-        raise ConfigError("chaos needs islands of at least 2 replica groups (island.num_replica_groups)")
-    if not 0 <= c.island < cfg.sim.islands:
-        raise ConfigError(f"chaos.island must be in [0, {cfg.sim.islands}), got {c.island}")
-    if not 0 <= c.group < cfg.island.num_replica_groups:
-        raise ConfigError(f"chaos.group must be in [0, {cfg.island.num_replica_groups}), got {c.group}")
-    if not 0 <= c.rank < cfg.parallel.num_ranks:
-        raise ConfigError(f"chaos.rank must be in [0, {cfg.parallel.num_ranks}), got {c.rank}")
-    if c.kill_after_pushes < 0 or c.restart_after_pushes < 1:
-        raise ConfigError("chaos.kill_after_pushes must be >= 0 and chaos.restart_after_pushes >= 1")
-
-
-class Injector:
-    """The fault injector thread; `record` is what it did, `error` why it stopped short."""
-
-    def __init__(self, cfg: ChaosConfig, out: Path) -> None:
-        self.c = cfg.chaos
-        self.status_path = out / f"island-{self.c.island}.status.json"
-        self.record: dict[str, Any] = {"island": f"island-{self.c.island}", "group": self.c.group,
-                                       "rank": self.c.rank}
-        self.error: str | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="chaos", daemon=True)
-
-    def start(self) -> Injector:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=30)
-
-    def _status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def _wait(self, what: str, ready) -> dict[str, Any]:
-        deadline = time.monotonic() + self.c.timeout_s
-        while not self.stop_event.wait(0.2):
-            status = self._status()
-            if status is not None:
-                if ready(status):
-                    return status
-                if status.get("final"):
-                    raise RuntimeError(f"the island finished before {what}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {self.c.timeout_s:g}s for {what}")
-        raise RuntimeError(f"stopped while waiting for {what}")
-
-    def _run(self) -> None:
-        try:
-            self._inject()
-        except Exception as exc:  # reported, and the run's checks then fail
-            self.error = f"{type(exc).__name__}: {exc}"
-
-    def _inject(self) -> None:
-        c, g = self.c, str(self.c.group)
-        status = self._wait(f"{c.kill_after_pushes} pushes with group {c.group} running", lambda s: (
-            s.get("pushes", 0) >= c.kill_after_pushes and s["groups"].get(g, {}).get("state") == "running"))
-        pid = status["groups"][g]["pids"][c.rank]
-        os.kill(pid, signal.SIGKILL)
-        self.record.update({"pid": pid, "incarnation": status["groups"][g]["incarnation"], "t_kill": time.time(),
-                            "pushes_at_kill": status.get("pushes", 0), "step_at_kill": status.get("step", 0)})
-        console.print(f"[bold red]chaos[/]: SIGKILL rank {c.rank} (pid {pid}) of replica group {c.group} "
-                      f"of island-{c.island} after {status.get('pushes', 0)} pushes")
-        status = self._wait(f"group {c.group} to be reported down", lambda s: s["groups"][g]["state"] != "running"
-                            or s["groups"][g]["incarnation"] > self.record["incarnation"])
-        self.record["t_down"] = time.time()
-        target = self.record["pushes_at_kill"] + c.restart_after_pushes
-        status = self._wait(f"{target} pushes with group {c.group} down", lambda s: s.get("pushes", 0) >= target)
-        self.record.update({"t_restart": time.time(), "pushes_at_restart": status.get("pushes", 0)})
-        if status["groups"][g]["state"] == "down":
-            with urllib.request.urlopen(urllib.request.Request(
-                    f"{status['gateway']}/groups/{c.group}/restart", data=b"", method="POST"), timeout=30) as r:
-                self.record["restart_reply"] = r.read().decode()
-        console.print(f"[bold green]chaos[/]: restarting replica group {c.group} of island-{c.island} after "
-                      f"{status.get('pushes', 0)} pushes")
-        self._wait(f"group {c.group} to heal from a peer", lambda s: any(
-            e.get("kind") == "healed" and e.get("group") == c.group and e["t"] >= self.record["t_restart"]
-            for e in s.get("events", [])))
-        self.record["t_healed"] = time.time()
-
-
-def applied_keys(coord_dir: Path) -> set[tuple[str, int, int]]:
-    """(island, round, fragment) of every push in a committed version, from the coordinator's state."""
-    db = sqlite3.connect(f"file:{coord_dir / 'state.sqlite'}?mode=ro", uri=True)
-    try:
-        return {(i, int(r), int(f)) for i, r, f in db.execute("SELECT island_id, round, fragment FROM applied")}
-    finally:
-        db.close()
-
-
-def chaos_fields(cfg: ChaosConfig, out: Path, injector: Injector) -> dict[str, Any]:
-    c, rec = cfg.chaos, injector.record
-    islands = {f"island-{i}": json.loads((out / f"island-{i}.json").read_text()) for i in range(cfg.sim.islands)}
-    applied = applied_keys(out / "coordinator")
-    acked = [(name, p["round"], p["fragment"], p["t"]) for name, r in islands.items() for p in r["push_log"]]
-    lost = [{"island": i, "round": r, "fragment": f} for i, r, f, _ in acked if (i, r, f) not in applied]
-    target = islands[rec["island"]]
-    t_kill, t_restart = rec.get("t_kill", float("inf")), rec.get("t_restart", float("-inf"))
-    while_down = [(i, r, f) for i, r, f, t in acked if i == rec["island"] and t_kill < t < t_restart]
-    heals = [h for h in target["heals"] if h["group"] == c.group and h.get("t", 0) >= t_restart]
-    healed_step = min((h["step"] for h in heals), default=None)
-    after = [s for s in target["sync_digests"]
-             if healed_step is not None and s["step"] >= healed_step and str(c.group) in s["groups"]]
-    report = {
-        "killed": rec,
-        "injector_error": injector.error,
-        "pushes_while_down": len(while_down),
-        "pushes_while_down_applied": sum(1 for k in while_down if k in applied),
-        "acknowledged_pushes": len(acked),
-        "updates_lost": len(lost), "lost_pushes": lost,
-        "recovery_digests": [{k: h[k] for k in ("rank", "from_step", "step", "peer_sha256", "own_sha256")}
-                             for h in heals],
-        "recovered_bit_identical": bool(heals) and all(h["peer_sha256"] == h["own_sha256"] for h in heals),
-        "syncs_after_recovery": after,
-        "recovered_equals_peer_at_sync": bool(after) and all(s["identical"] and len(s["groups"]) > 1
-                                                            for s in after),
-    }
-    report["checks"] = {
-        "injected": injector.error is None,
-        "intra_island_failures>=1": target["intra_island_failures"] >= 1,
-        "intra_island_recoveries>=1": target["intra_island_recoveries"] >= 1,
-        "pushed_while_down": report["pushes_while_down"] >= 1
-        and report["pushes_while_down_applied"] == report["pushes_while_down"],
-        "updates_lost==0": not lost,
-        "recovered_bit_identical": report["recovered_bit_identical"],
-        "recovered_equals_peer_at_sync": report["recovered_equals_peer_at_sync"],
-    }
-    report["passed"] = all(report["checks"].values())
-    return report
+ISLAND_SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
+                  "intra_island_failures", "intra_island_recoveries", "pushes_while_down", "updates_lost",
+                  "recovered_bit_identical", "recovered_equals_peer_at_sync", "final_eval_loss", "theta_b_identical",
+                  "passed", "wall_s")
+RUN_SUMMARY = ("islands", "failover_mode", "failures_injected", "recovered", "coordinator_failovers", "goodput",
+               "dp_goodput_same_trace", "updates_lost", "updates_applied_twice", "final_eval_loss",
+               "fault_free_eval_loss", "loss_gap_vs_fault_free", "final_version", "wall_s", "fault_free_wall_s")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -213,11 +56,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from sim import chaos_ci
+    if handles(args.preset):  # faults across islands and the coordinator (`--preset ci`)
+        return run_chaos(args)
+    return island_chaos(args)
 
-    if chaos_ci.handles(args.preset):  # faults across islands and the coordinator (`--preset ci`)
-        return chaos_ci.run(args)
-    cfg = cfglib.load(ChaosConfig, args.preset, args.overrides)
+
+def island_chaos(args: argparse.Namespace) -> int:
+    """`archipelago chaos` for an island preset (a `[chaos]` table)."""
+    cfg = cfglib.load(IslandChaosConfig, args.preset, args.overrides)
     check_chaos(cfg)
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +72,7 @@ def main(argv: list[str]) -> int:
     console.print(f"[bold]archipelago chaos[/] · {args.preset}: {cfg.sim.islands} islands × "
                   f"{cfg.island.num_replica_groups} replica groups × {cfg.parallel.num_ranks} ranks; kill rank "
                   f"{cfg.chaos.rank} of group {cfg.chaos.group} of island-{cfg.chaos.island}; logs in {out}/")
-    injector = Injector(cfg, out).start()
+    injector = IslandFaultInjector(cfg, out).start()
     try:
         report = simulate(cfg, out, args.preset)
     finally:
@@ -236,8 +82,98 @@ def main(argv: list[str]) -> int:
     report.update(run_metadata(cfg.train.seed, cfg))
     write_json(out / "report.json", report)
     console.print(summary_table(f"archipelago chaos · {args.preset}",
-                                {k: report[k] for k in SUMMARY if k in report}))
+                                {k: report[k] for k in ISLAND_SUMMARY if k in report}))
     for name, ok in report["checks"].items():
         console.print(f"  {'[green]ok[/]' if ok else '[red]FAILED[/]'}  {name}")
     console.print(f"report: {out / 'report.json'}")
     return 0 if report["passed"] else 1
+
+
+def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    open_dataset(cfg.data)
+    preset_file = out / "chaos-config.toml"
+    preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
+    use_etcd = cfg.faults.failover == "etcd" or (cfg.faults.failover == "auto" and shutil.which("etcd"))
+    clean = run_cluster(cfg, out / "fault-free", preset_file, bool(use_etcd), None)
+    clean_acc = accounting(clean)
+    chaos = run_cluster(cfg, out / "chaos", preset_file, bool(use_etcd), clean_acc["wall_s"])
+    acc = accounting(chaos)
+    faults = recovery(chaos)
+    injected = [f for f in faults if f["injected_at_s"] is not None]
+    step_s = step_seconds(clean, cfg)
+    restarts = [f["detail"]["replacement_started_s"] for f in faults
+                if f["kind"] == "kill_island" and f["detail"].get("replacement_started_s")]
+    restart_s = statistics.median(restarts) if restarts else 0.0
+    checkpoint_every_s = cfg.faults.dp_checkpoint_every_s or step_s * cfg.diloco.inner_steps
+    dp = dp_goodput(faults, acc["wall_s"], restart_s, checkpoint_every_s)
+    failovers = [f for f in faults if f["kind"] == "kill_coordinator" and f["recovered"]]
+    return {
+        "preset": preset_label, "islands": cfg.sim.islands, "inner_steps": cfg.diloco.inner_steps,
+        "outer_rounds": cfg.diloco.rounds, "fragments": cfg.diloco.fragments, "overlap": cfg.diloco.overlap,
+        "faults": faults, "failures_injected": len(injected),
+        "recovered": sum(1 for f in injected if f["recovered"]),
+        "failover_mode": "etcd standby takeover" if use_etcd else "kill and restart on the sqlite state",
+        "coordinator_failovers": len(failovers),
+        "goodput": acc["goodput"], "dp_goodput_same_trace": dp["goodput"], "dp_model": dp,
+        "updates_lost": acc["updates_lost"], "lost_keys": acc["lost_keys"],
+        "updates_applied_twice": acc["updates_applied_twice"], "updates_acknowledged": acc["updates_acknowledged"],
+        "final_eval_loss": chaos["eval_loss"], "fault_free_eval_loss": clean["eval_loss"],
+        "loss_gap_vs_fault_free": chaos["eval_loss"] - clean["eval_loss"],
+        "final_version": chaos["final_version"], "fault_free_version": clean["final_version"],
+        "fault_free_goodput": clean_acc["goodput"], "wall_s": acc["wall_s"], "fault_free_wall_s": clean_acc["wall_s"],
+        "useful_compute_s": acc["useful_compute_s"], "available_island_s": acc["available_s"],
+        "goodput_breakdown": acc["goodput_breakdown"], "fault_free_goodput_breakdown": clean_acc["goodput_breakdown"],
+        "step_s": step_s, "guard_events": chaos["events"], "injector_errors": chaos["injector_errors"],
+        "corrupted_segments": sum(s.corrupted for s in chaos["links"]),
+        "connections_cut": sum(s.cut_connections for s in chaos["links"]),
+        "wan_bytes": sum(s.total for s in chaos["links"]),
+        **run_metadata(cfg.train.seed, cfg),
+    }
+
+
+def targets_met(report: dict[str, Any]) -> dict[str, bool]:
+    return {"updates_lost == 0": report["updates_lost"] == 0,
+            "updates_applied_twice == 0": report["updates_applied_twice"] == 0,
+            "every failure recovered": report["recovered"] == report["failures_injected"] > 0,
+            "goodput >= 0.90": report["goodput"] >= 0.90,
+            "goodput >= 2 x dp": report["goodput"] >= 2 * report["dp_goodput_same_trace"],
+            "loss gap <= 0.05": report["loss_gap_vs_fault_free"] <= 0.05,
+            "coordinator failovers >= 1": report["coordinator_failovers"] >= 1}
+
+
+def run_chaos(args: argparse.Namespace) -> int:
+    """`archipelago chaos` for the presets `handles` accepts (a `[faults]` table)."""
+    cfg = load_config(args.preset, args.overrides)
+    out = Path(args.report)
+    console.print(f"[bold]archipelago chaos[/] · {args.preset}: {cfg.sim.islands} islands × {cfg.diloco.rounds} "
+                  f"rounds × H={cfg.diloco.inner_steps}; a fault-free run, then the same under faults "
+                  f"(seed {cfg.train.seed}); logs in {out}/")
+    report = simulate_chaos(cfg, out, args.preset)
+    report["targets"] = targets_met(report)
+    write_json(out / "report.json", report)
+    _plot(out, report)
+    console.print(summary_table(f"archipelago chaos · {args.preset}", {k: report[k] for k in RUN_SUMMARY}))
+    for f in report["faults"]:
+        state = "[green]recovered[/]" if f["recovered"] else "[red]NOT recovered[/]"
+        when = "not injected" if f["injected_at_s"] is None else f"at {f['injected_at_s']:.1f}s"
+        console.print(f"  {f['kind']:<17} {f['target']:<12} {when:<14} {state}")
+    for name, ok in report["targets"].items():
+        console.print(f"  {'[green]ok[/]' if ok else '[red]missed[/]'}  {name}")
+    console.print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _plot(out: Path, report: dict[str, Any]) -> None:
+    """Committed versions over time, with and without faults."""
+    from archipelago.plots import line_plot
+
+    series = {}
+    for label, folder in (("under faults", "chaos"), ("fault-free", "fault-free")):
+        times = sorted(json.loads(line)["t"] for path in (out / folder).glob("acks-*.jsonl")
+                       for line in path.read_text().splitlines() if json.loads(line)["event"] == "push")
+        if times:
+            series[label] = ([t - times[0] for t in times], list(range(1, len(times) + 1)))
+    if series:
+        line_plot(out / "pushes.png", series, xlabel="seconds", ylabel="acknowledged pushes",
+                  title=f"{report['islands']} islands, {report['failures_injected']} faults")

@@ -6,7 +6,7 @@ peak rates. With a `WanSpec` each direction is shaped like a WAN link: a token b
 rate, a one-way latency with jitter (delivery stays in order, as TCP's does), and loss, which a
 TCP stream shows the application as a retransmission delay on the affected segment.
 
-Two faults for the chaos runs (sim/faults.py): `partition(True)` cuts the link (open connections
+Two faults for the chaos runs (sim/run_faults.py): `partition(True)` cuts the link (open connections
 are reset, new ones refused: the island sees UNAVAILABLE) until `partition(False)`; and
 `corrupt_next()` flips one byte late in the next large segment going up (a push's chunk data, in
 practice), which the coordinator must catch by checksum.

@@ -85,3 +85,33 @@ def test_wan_spec_parses(text, rate, latency):
 def test_bad_wan_spec_is_a_clear_error(text):
     with pytest.raises(ConfigError, match="--wan"):
         WanSpec.parse(text)
+
+
+def test_the_link_flips_a_byte_going_up_and_a_partition_cuts_it():
+    """The two faults the chaos run puts on a link (sim/run_faults.py)."""
+    srv, port = echo_server()
+    proxy = LinkProxy(f"127.0.0.1:{port}").start()
+    try:
+        host, port = proxy.address.rsplit(":", 1)
+        data = bytes(range(256)) * 32  # 8 KiB
+        proxy.corrupt_next(min_bytes=4096)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                got += sock.recv(1 << 16)
+        assert proxy.stats.corrupted == 1
+        assert sum(a != b for a, b in zip(got, data, strict=True)) == 1
+        proxy.partition(True)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            try:
+                sock.sendall(b"x")
+                assert sock.recv(10) == b""  # closed: nothing gets through
+            except ConnectionResetError:
+                pass  # reset: nothing gets through either
+        proxy.partition(False)
+        round_trip(proxy, b"back")
+        assert proxy.stats.cut_connections >= 1
+    finally:
+        proxy.stop()
+        srv.close()

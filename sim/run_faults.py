@@ -1,8 +1,9 @@
-"""Faults for the chaos runs: a seeded schedule, the injector that carries it out on real processes
-and links, and the model of synchronous data parallel under the same failure trace.
+"""Faults across islands and the coordinator (`archipelago chaos --preset ci`): the `[faults]` table,
+a seeded schedule, the injector that carries it out on real processes and links, and, after the
+run, whether each fault was recovered from.
 
-Schedule. `schedule()` places one fault of each kind at fixed fractions of the expected run time
-(the fault-free run's), each moved by a seeded jitter; the islands hit are drawn with the same seed.
+`schedule()` places one fault of each kind at fixed fractions of the expected run time (the
+fault-free run's), each moved by a seeded jitter; the islands hit are drawn with the same seed.
 The schedule and what actually happened (injection and recovery times) go into the report.
 
     kill_island       SIGKILL an island's process group; restart it `restart_after_s` later
@@ -12,29 +13,28 @@ The schedule and what actually happened (injection and recovery times) go into t
     slow              slow an island 5×: SIGSTOP/SIGCONT, running 1 of every 5 periods, for `duration_s`
     corrupt           flip a byte of the next large segment an island's link carries up (a push)
 
-Data-parallel model. Synchronous data parallel over the same workers for the same wall time, with
-one all-reduce per step, stops as a whole whenever any worker, its link or the job's master fails:
-every failure in the trace (a killed island, a killed coordinator standing for the job's master, a
-partition, a corrupted all-reduce payload that fails its checksum) stalls every worker until the
-job restarts from its last checkpoint, which loses the steps since that checkpoint and costs the
-restart time (measured here: the time from killing an island to its replacement's first step). A
-partition stalls the job for its duration before the restart. A 5× straggler sets the pace of every
-worker while it is slow. Checkpoints are taken every `checkpoint_every_s` of progress (by default
-one outer round's worth of steps, the cadence at which the coordinator makes its state durable),
-for free; the all-reduce itself is free too. Both choices favour the baseline. Its goodput is the
-progress it keeps (seconds of full-speed compute) over the wall time.
+The processes and links they act on are sim/chaos_cluster.py's `Cluster`; the faults inside one
+island (a rank of a replica group) are sim/island_faults.py's.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import re
+import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from archipelago import config as cfglib
+from archipelago.config import ConfigError
+from archipelago.procs import signal_group
+from sim.run import SimConfig
+
+if TYPE_CHECKING:
+    from sim.chaos_cluster import Cluster
 
 KINDS = ("kill_island", "partition", "kill_coordinator", "slow", "corrupt")
 SLOW_FACTOR = 5
@@ -87,7 +87,7 @@ def schedule(cfg: FaultsSection, seed: int, islands: int, expected_s: float) -> 
     return sorted(faults, key=lambda f: f.at_s)
 
 
-class Injector:
+class RunFaultInjector:
     """Runs a schedule against a cluster on a background thread.
 
     `cluster` provides: kill_island(name), restart_island(name), kill_coordinator() -> str (what
@@ -104,7 +104,7 @@ class Injector:
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, name="injector", daemon=True)
 
-    def start(self) -> Injector:
+    def start(self) -> RunFaultInjector:
         self._thread.start()
         return self
 
@@ -167,13 +167,13 @@ class Injector:
         fault.detail["from"] = time.time()
         while time.monotonic() < end and not self.cluster.done.is_set():
             stopped_at = time.time()
-            if not _signal(pid, signal.SIGSTOP):
+            if not signal_group(pid, signal.SIGSTOP):
                 break
             time.sleep(period * (SLOW_FACTOR - 1) / SLOW_FACTOR)
-            _signal(pid, signal.SIGCONT)
+            signal_group(pid, signal.SIGCONT)
             intervals.append((stopped_at, time.time()))
             time.sleep(period / SLOW_FACTOR)
-        _signal(pid, signal.SIGCONT)
+        signal_group(pid, signal.SIGCONT)
         fault.detail["to"] = time.time()
         fault.detail["stopped_s"] = round(sum(b - a for a, b in intervals), 2)
 
@@ -181,65 +181,85 @@ class Injector:
         return [asdict(f) for f in self.faults]
 
 
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.killpg(pid, sig)
+@dataclass
+class RunChaosConfig(SimConfig):
+    """A sim job plus the `[faults]` table."""
+
+    faults: FaultsSection = field(default_factory=FaultsSection)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.faults.failover not in ("auto", "etcd", "restart"):
+            raise ConfigError(f"faults.failover must be auto, etcd or restart, got {self.faults.failover!r}")
+        if self.faults.failover == "etcd" and shutil.which("etcd") is None:
+            raise ConfigError("faults.failover = etcd needs an etcd binary on PATH (apt-get install etcd-server)")
+        if self.sim.islands < 3:
+            raise ConfigError(f"the chaos run needs sim.islands >= 3 (got {self.sim.islands})")
+
+
+def handles(preset: str) -> bool:
+    """Is `preset` one of these runs (configs/chaos-PRESET.toml exists, or it has a [faults] table)?
+    The island presets (a [chaos] table: a rank killed inside an island) belong to sim/island_faults.py."""
+    if not preset.endswith(".toml") and (cfglib.configs_dir() / f"chaos-{preset}.toml").is_file():
         return True
-    except ProcessLookupError:
+    try:
+        return "faults" in cfglib.load_preset(preset)
+    except ConfigError:
         return False
 
 
-def overlap(a: tuple[float, float], intervals: list[tuple[float, float]]) -> float:
-    return sum(max(0.0, min(a[1], b) - max(a[0], s)) for s, b in intervals)
+def load_config(preset: str, overrides: list[str]) -> RunChaosConfig:
+    """`ci` means configs/chaos-ci.toml where it exists (the ci run, set up for faults)."""
+    if not preset.endswith(".toml") and (cfglib.configs_dir() / f"chaos-{preset}.toml").is_file():
+        preset = f"chaos-{preset}"
+    return cfglib.load(RunChaosConfig, preset, overrides)
 
 
-def dp_goodput(faults: list[dict[str, Any]], wall_s: float, restart_s: float,
-               checkpoint_every_s: float) -> dict[str, Any]:
-    """Goodput of synchronous data parallel under this failure trace (see the module docstring).
+def start_after(acks: list[dict[str, Any]], t: float) -> dict[str, Any] | None:
+    """The first process start an island logged after wall time `t` (a replacement), or None."""
+    return next((a for a in acks if a["event"] == "start" and a["t"] > t), None)
 
-    `faults` are the report's fault records (injected ones count, at `injected_at_s`); returns the
-    goodput and the time lost to each cause.
-    """
-    events: list[tuple[float, str, float]] = []  # (time, kind, duration)
-    for f in faults:
+
+def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Decide, fault by fault, whether the run recovered from it (with the evidence)."""
+    out = []
+    cluster: Cluster = run["cluster"]
+    for f in run["faults"]:
+        f = dict(f)
+        target_acks = run["acks"].get(f["target"], [])
+        pushed_after = _pushed_after(target_acks)
+
         if f["injected_at_s"] is None:
-            continue
-        if f["kind"] == "slow":
-            events.append((f["injected_at_s"], "slow", f["duration_s"]))
-        else:
-            stall = f["duration_s"] if f["kind"] == "partition" else 0.0
-            events.append((f["injected_at_s"], "fail", stall))
-    events.sort()
-    t = progress = checkpointed = 0.0
-    lost = {"rollback_s": 0.0, "stall_s": 0.0, "straggler_s": 0.0}
-
-    def advance(until: float, rate: float) -> None:
-        nonlocal t, progress, checkpointed
-        until = min(until, wall_s)
-        if until <= t:
-            return
-        progress += (until - t) * rate
-        t = until
-        checkpointed = max(checkpointed, (progress // checkpoint_every_s) * checkpoint_every_s)
-
-    for at, kind, duration in events:
-        advance(at, 1.0)
-        if t >= wall_s:
-            break
-        if kind == "slow":
-            start = t
-            advance(at + duration, 1.0 / SLOW_FACTOR)
-            lost["straggler_s"] += (t - start) * (1 - 1.0 / SLOW_FACTOR)
-        else:
-            lost["rollback_s"] += progress - checkpointed
-            progress = checkpointed
-            stall = min(duration + restart_s, max(0.0, wall_s - t))
-            lost["stall_s"] += stall
-            t += stall
-    advance(wall_s, 1.0)
-    return {"goodput": progress / wall_s if wall_s > 0 else 0.0, "progress_s": progress, "wall_s": wall_s,
-            "restart_s": restart_s, "checkpoint_every_s": checkpoint_every_s,
-            **{k: round(v, 3) for k, v in lost.items()}}
+            f["recovered"] = False
+        elif f["kind"] == "kill_island":
+            start = start_after(target_acks, f["detail"]["killed_at"])
+            f["detail"]["replacement_started_s"] = round(start["t"] - f["detail"]["killed_at"], 2) if start else None
+            f["recovered"] = start is not None and pushed_after(start["t"], start["pid"]) \
+                and f["target"] in run["finished"]
+        elif f["kind"] == "kill_coordinator":
+            f["detail"]["version_at_kill"] = getattr(cluster, "version_at_kill", None)
+            later = [v for v, row in run["versions"] if row["info"]["time"] > f["detail"]["killed_at"]]
+            f["detail"]["versions_after"] = len(later)
+            f["recovered"] = bool(later) and min(later) > (f["detail"]["version_at_kill"] or 0)
+        elif f["kind"] == "partition":
+            f["recovered"] = pushed_after(f["detail"]["to"]) or f["target"] in run["finished"]
+        elif f["kind"] == "slow":
+            f["recovered"] = f["target"] in run["finished"]
+        elif f["kind"] == "corrupt":
+            corrupted = sum(p.stats.corrupted for p in cluster.proxies[f["target"]])
+            refused = sum(len(re.findall(r"push refused: DATA_LOSS", text)) for name, text in run["logs"].items()
+                          if name.startswith("coordinator"))
+            f["detail"].update(corrupted_segments=corrupted, data_loss_refusals=refused)
+            if not corrupted:
+                f["injected_at_s"] = None  # armed, but no push crossed the link afterwards
+            f["recovered"] = corrupted > 0 and refused > 0 and pushed_after(f["detail"]["armed_at"])
+        out.append(f)
+    return out
 
 
-Callback = Callable[[], None]
+def _pushed_after(acks: list[dict[str, Any]]):
+    def pushed_after(t: float, pid: int | None = None) -> bool:
+        """Did the island get a push acknowledged after wall time `t` (from process `pid`)?"""
+        return any(a["event"] == "push" and a["t"] > t and (pid is None or a["pid"] == pid) for a in acks)
+
+    return pushed_after

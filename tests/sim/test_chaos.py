@@ -1,8 +1,9 @@
-"""`archipelago chaos` end to end, shrunk: one island of 2 replica groups × 2 ranks (FSDP2 + expert
-parallel), a real coordinator, a real SIGKILL of one rank, a restart through the island gateway.
+"""`archipelago chaos` end to end, shrunk: every process is started by the command under test and killed
+by PID when it ends; every wait in it is bounded (`sim.timeout_s`, `chaos.timeout_s`).
 
-Every process is started by the command under test and killed by PID when it ends; every wait in it
-is bounded (`sim.timeout_s`, `chaos.timeout_s`).
+- faults across islands and the coordinator (`--preset ci`): the whole seeded schedule on a small model;
+- faults inside an island (`--preset island-ci`): one island of 2 replica groups × 2 ranks (FSDP2 +
+  expert parallel), a real coordinator, a real SIGKILL of one rank, a restart through the island gateway.
 """
 
 from __future__ import annotations
@@ -13,8 +14,33 @@ import random
 import pytest
 
 from sim import chaos
+from sim.run_faults import load_config
 
 WORDS = "the king queen lord of and to my a is that in thou thy with not be his for me this you".split()
+
+SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_dim=128",
+         "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "optim.warmup_steps=3",
+         "diloco.inner_steps=20", "diloco.rounds=8"]
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+def test_a_short_chaos_run_loses_nothing_and_recovers(data_cache, tmp_path):
+    """Every fault of the schedule on a small model: what must hold whatever the timing. (The goodput
+    and loss targets are for the ci preset's longer run; here start-up time dominates.)"""
+    cfg = load_config("ci", SMALL + [f"data.cache_dir={data_cache}"])
+    report = chaos.simulate_chaos(cfg, tmp_path / "chaos", "test")
+    json.dumps(report, default=str)  # the report serializes
+    assert report["failures_injected"] >= 4, report["faults"]
+    assert report["recovered"] == report["failures_injected"], report["faults"]
+    assert report["updates_lost"] == 0 and report["updates_applied_twice"] == 0
+    assert report["coordinator_failovers"] == 1
+    assert report["updates_acknowledged"] > 0 and report["final_version"] > 0
+    assert 0 < report["dp_goodput_same_trace"] < 1 and 0 < report["goodput"] <= 1
+    for key in ("faults", "failures_injected", "recovered", "goodput", "dp_goodput_same_trace", "updates_lost",
+                "updates_applied_twice", "coordinator_failovers", "final_eval_loss", "fault_free_eval_loss",
+                "loss_gap_vs_fault_free", "seed", "config", "versions"):
+        assert key in report
 
 
 @pytest.mark.slow

@@ -1,0 +1,288 @@
+"""The processes and links the faults of `archipelago chaos --preset ci` act on: coordinator(s),
+islands behind link proxies, optionally etcd; and one run of them, with or without faults.
+
+Islands reach the coordinator through link proxies (sim/wan.py), one per coordinator address. With
+`etcd` on PATH (or `faults.failover = "etcd"`) a local etcd server elects the leader among two
+coordinators sharing one state directory, and islands get both addresses; without it a single
+coordinator is killed and restarted on its sqlite state. Faults (sim/run_faults.py) start once
+every island has started training. Afterwards the run waits until the coordinator holds no pending
+push (an island's last push is marked as such, so once the others finished a late one closes its
+round alone) and reads every island's push log and the push keys of every committed version from
+the coordinator's state store (sqlite, or etcd), for sim/goodput.py's accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from archipelago.procs import free_port, kill_group, kill_paused_group, wait_serving
+from coordinator.store import StateStore, sqlite_store
+from island.job import write_initial_model
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from sim.run import ProcessGroup, evaluate_global
+from sim.run_faults import RunChaosConfig, RunFaultInjector, schedule
+from sim.wan import LinkProxy
+
+START_TIMEOUT_S = 180.0
+
+
+class Cluster:
+    """Coordinator(s), islands behind link proxies, optionally etcd: started, faulted, stopped."""
+
+    def __init__(self, cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool) -> None:
+        self.cfg, self.out, self.preset_file, self.use_etcd = cfg, out, preset_file, use_etcd
+        self.host = cfg.sim.host
+        self.group = ProcessGroup(out)
+        self.coord_dir = out / "coordinator"
+        self.credential = secrets.token_hex(16)
+        self.tokens = {f"island-{i}": secrets.token_hex(16) for i in range(cfg.sim.islands)}
+        self.current: dict[str, str] = {}  # island -> name of its live process in the group
+        self.down: set[str] = set()  # islands killed and not restarted yet
+        self.proxies: dict[str, list[LinkProxy]] = {}
+        self.coordinators: list[tuple[str, int]] = []  # (process name, port), in address order
+        self.coordinator_starts = 0
+        self.done = threading.Event()
+        self.finished: dict[str, float] = {}
+        self.etcd: subprocess.Popen | None = None
+        self.etcd_endpoint = ""
+        self.prefix = f"/archipelago/chaos-{secrets.token_hex(4)}"
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.coord_dir.exists():
+            shutil.rmtree(self.coord_dir)
+        self.coord_dir.mkdir(parents=True)
+        write_initial_model(self.cfg, self.coord_dir / "init")
+        (self.coord_dir / "islands.json").write_text(json.dumps(self.tokens))
+        os.chmod(self.coord_dir / "islands.json", 0o600)
+        if self.use_etcd:
+            self._start_etcd()
+        ports = [free_port(self.host) for _ in range(2 if self.use_etcd else 1)]
+        for i, port in enumerate(ports):
+            name = f"coordinator-{'ab'[i]}" if self.use_etcd else "coordinator"
+            self.coordinators.append((name, port))
+            self._start_coordinator(name, port)
+            if i == 0:
+                self._wait_serving(port, name)
+        for i, island in enumerate(self.tokens):
+            self.proxies[island] = [LinkProxy(f"{self.host}:{port}", listen_host=self.host, wan=self.cfg.sim.link(i),
+                                              seed=self.cfg.train.seed + i).start() for _, port in self.coordinators]
+            self._start_island(island, island)
+
+    def _start_etcd(self) -> None:
+        data = self.out / "etcd"
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        client, peer = free_port(self.host), free_port(self.host)
+        self.etcd_endpoint = f"{self.host}:{client}"
+        log = open(data / "etcd.log", "w")
+        self.etcd = subprocess.Popen(
+            ["etcd", "--name", "chaos", "--data-dir", str(data / "data"),
+             "--listen-client-urls", f"http://{self.etcd_endpoint}", "--advertise-client-urls",
+             f"http://{self.etcd_endpoint}", "--listen-peer-urls", f"http://{self.host}:{peer}",
+             "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
+             "--initial-cluster", f"chaos=http://{self.host}:{peer}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _start_coordinator(self, name: str, port: int) -> None:
+        argv = ["coordinator", "serve", "--preset", str(self.preset_file), "--init", str(self.coord_dir / "init"),
+                "--state-dir", str(self.coord_dir), "--host", self.host, "--port", str(port),
+                "--set", f"coordinator.islands_file={json.dumps(str(self.coord_dir / 'islands.json'))}",
+                "--set", f"coordinator.etcd_prefix={json.dumps(self.prefix)}",
+                "--set", f"coordinator.etcd_lease_ttl_s={self.cfg.faults.etcd_lease_ttl_s}"]
+        if self.use_etcd:
+            argv += ["--etcd", self.etcd_endpoint]
+        self.group.start(name, argv, env={"ARCHIPELAGO_ADMIN_CREDENTIAL": self.credential})
+        self.coordinator_starts += 1
+
+    def _start_island(self, island: str, name: str) -> None:
+        i = list(self.tokens).index(island)
+        self.current[island] = name
+        self.down.discard(island)
+        addresses = ",".join(p.address for p in self.proxies[island])
+        self.group.start(name, [
+            "island", "run", "--preset", str(self.preset_file), "--coordinator", addresses,
+            "--island-id", island, "--island-index", str(i), "--num-islands", str(len(self.tokens)),
+            "--report", str(self.out / f"{island}.json"),
+            "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}"],
+            env={"ARCHIPELAGO_ISLAND_TOKEN": self.tokens[island]})
+
+    def _wait_serving(self, port: int, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        wait_serving(lambda: self.status(port), self.group.procs[name], name, timeout_s,
+                     tail=lambda: self.group.tail(name))
+
+    def status(self, port: int | None = None) -> dict[str, Any] | None:
+        port = port if port is not None else self.leader_port()
+        try:
+            with grpc.insecure_channel(f"{self.host}:{port}") as channel:
+                reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=self.credential), timeout=3)
+            return json.loads(reply.json)
+        except grpc.RpcError:
+            return None
+
+    def leader_port(self) -> int:
+        return int((self.coord_dir / "address").read_text().strip().rsplit(":", 1)[1])
+
+    def leader_index(self) -> int:
+        return [p for _, p in self.coordinators].index(self.leader_port())
+
+    def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Block until every island logged its start; the wall time of the first start."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            starts = [s for island in self.tokens for s in self.acks(island) if s["event"] == "start"]
+            if len({s["island"] for s in starts}) == len(self.tokens):
+                return min(s["t"] for s in starts)
+            self._check_islands()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"islands did not all start within {timeout_s}s")
+            time.sleep(0.2)
+
+    def _check_islands(self) -> None:
+        for island, name in self.current.items():
+            if island in self.down:
+                continue
+            code = self.group.procs[name].poll()
+            if code not in (None, 0):
+                raise RuntimeError(f"{name} exited with {code}:\n{self.group.tail(name, 30)}")
+
+    def wait_islands(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.finished) < len(self.tokens):
+            for island, name in self.current.items():
+                if island not in self.finished and island not in self.down and self.group.procs[name].poll() == 0:
+                    self.finished[island] = time.time()
+            self._check_islands()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"islands {sorted(set(self.tokens) - set(self.finished))} did not finish "
+                                   f"within {timeout_s}s")
+            time.sleep(0.2)
+
+    def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Wait until the coordinator holds no pending push (the deadline closes the last rounds)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if status is not None and status["pending_pushes"] == 0:
+                return status
+            if time.monotonic() > deadline:
+                return status or {}
+            time.sleep(0.5)
+
+    def acks(self, island: str) -> list[dict[str, Any]]:
+        path = self.out / f"acks-{island}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def store(self) -> tuple[StateStore, Any]:
+        """A read-only view of the run's state store, and what to close after."""
+        if not self.use_etcd:
+            store = sqlite_store(self.coord_dir)
+            return store, store
+        from coordinator.etcd import EtcdSession, etcd_store
+
+        session = EtcdSession(self.etcd_endpoint, self.prefix)
+        return etcd_store(session, -1), session
+
+    def stop(self) -> None:
+        self.done.set()
+        try:
+            with grpc.insecure_channel(f"{self.host}:{self.leader_port()}") as channel:
+                pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=self.credential), timeout=10)
+        except (grpc.RpcError, OSError, ValueError):
+            pass
+        for proc in self.group.procs.values():
+            kill_paused_group(proc)  # a paused one must be able to die
+        for links in self.proxies.values():
+            for proxy in links:
+                proxy.stop()
+
+    def stop_etcd(self) -> None:
+        if self.etcd is not None:
+            kill_group(self.etcd)
+
+    # ---- what the injector calls ----------------------------------------------------------------
+
+    def links(self, island: str) -> list[LinkProxy]:
+        return self.proxies[island]
+
+    def island_pid(self, island: str) -> int:
+        return self.group.procs[self.current[island]].pid
+
+    def kill_island(self, island: str) -> None:
+        self.down.add(island)
+        self.group.kill(self.current[island])
+
+    def restart_island(self, island: str) -> None:
+        n = sum(1 for name in self.group.procs if name.startswith(f"{island}-restart"))
+        self._start_island(island, f"{island}-restart{n + 1}")
+
+    def kill_coordinator(self) -> str:
+        port = self.leader_port()
+        name = next(n for n, p in self.coordinators if p == port)
+        self.version_at_kill = (self.status(port) or {}).get("version", -1)
+        self.group.kill(name)
+        if self.use_etcd:
+            return "failover"
+        (self.coord_dir / "address").unlink(missing_ok=True)
+        return "restart"
+
+    def restart_coordinator(self) -> None:
+        name, port = self.coordinators[0]
+        restarted = f"{name}-restart{self.coordinator_starts}"
+        self.coordinators[0] = (restarted, port)
+        self._start_coordinator(restarted, port)
+
+
+def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool,
+                expected_s: float | None) -> dict[str, Any]:
+    """One run: with a fault schedule when `expected_s` is given, else fault-free."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("acks-*.jsonl"):
+        old.unlink()
+    cluster = Cluster(cfg, out, preset_file, use_etcd)
+    injector = None
+    faults = schedule(cfg.faults, cfg.train.seed, cfg.sim.islands, expected_s) if expected_s else []
+    try:
+        cluster.start()
+        t_start = cluster.wait_started()
+        t0 = time.monotonic() - (time.time() - t_start)
+        if faults:
+            injector = RunFaultInjector(faults, cluster, t0, cfg.faults).start()
+        cluster.wait_islands(cfg.sim.timeout_s)
+        cluster.done.set()
+        if injector is not None:
+            injector.join(60)
+        final = cluster.drain(max(60.0, 2 * cfg.coordinator.round_deadline_s))
+        store, closer = cluster.store()
+        try:
+            applied = {k[:3] for k in store.applied_keys()}
+            versions = store.versions()
+            events = store.events()
+        finally:
+            closer.close()
+        links = [p.stats for ps in cluster.proxies.values() for p in ps]
+        logs = {name: (out / f"{name}.log").read_text(errors="replace") for name in cluster.group.procs}
+    finally:
+        cluster.stop()
+        cluster.stop_etcd()
+    acks = {island: cluster.acks(island) for island in cluster.tokens}
+    eval_loss, version, _ = evaluate_global(cfg, cluster.coord_dir)
+    return {"t_start": t_start, "finished": cluster.finished, "acks": acks, "applied": applied,
+            "versions": versions, "events": events, "final_status": final, "eval_loss": eval_loss,
+            "final_version": version, "faults": injector.report() if injector else [],
+            "stopped": injector.stopped if injector else {}, "injector_errors": injector.errors if injector else [],
+            "links": links, "logs": logs, "cluster": cluster}
