@@ -1,4 +1,4 @@
-"""One round's contributions → one pseudo-gradient g for the outer step (DESIGN.md step 7).
+"""One round's contributions → one pseudo-gradient g for the outer step (docs/design.md step 7).
 
 Default, the weighted mean  g = Σ w_i Δ_i / Σ w_i  (w_i = tokens × staleness discount), exactly as
 `ParamState.aggregate` computes it. Two optional defences against a faulty or malicious island:

@@ -1,6 +1,6 @@
 """The divergence guard: decides, before a round's outer step is committed, whether it looks sane.
 
-Three checks, in order (DESIGN.md step 8):
+Three checks, in order (docs/design.md step 8):
 
 1. Non-finite: the aggregate g or the stepped θ_g holds a NaN or Inf. Every push is checked finite
    on arrival, but finite pushes can still overflow in the weighted sum or the momentum update.

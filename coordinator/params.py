@@ -1,6 +1,6 @@
 """The coordinator's parameter state: θ_g (fp32 master), θ_b (broadcast copy), outer momentum.
 
-One outer step for one fragment (DESIGN.md steps 7 and 9):
+One outer step for one fragment (docs/design.md steps 7 and 9):
   g   = Σ w_i Δ_i / Σ w_i                       (weighted mean of pseudo-gradients)
   m  ← μ m + g;  u = g + μ m (Nesterov) or m    (outer SGD, as torch.optim.SGD does it)
   θ_g ← θ_g − lr · u

@@ -1,5 +1,5 @@
 """The coordinator's outer step in one pass: weighted mean of K pseudo-gradients, Nesterov
-momentum and the parameter update (DESIGN.md step 7; `coordinator/params.py` is the contract).
+momentum and the parameter update (docs/design.md step 7; `coordinator/params.py` is the contract).
 
     g = Σ_i (w_i / Σw) Δ_i;   m ← μ m + g;   u = g + μ m (Nesterov) or m;   θ ← θ − lr · u
 

@@ -1,4 +1,4 @@
-"""Blockwise quantization fused with error feedback (DESIGN.md step 4), and its inverse.
+"""Blockwise quantization fused with error feedback (docs/design.md step 4), and its inverse.
 
 One pass over a flattened pseudo-gradient reads Δ and the residual e and writes the codes, the
 per-block scales and the new residual:
