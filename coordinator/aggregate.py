@@ -33,14 +33,10 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.params import Contribution, ParamState
+from protos.broadcast import l2_norm
 
 MIN_TRIMMED = 4  # contributions a round needs before the trimmed mean applies
 _TRIM_STEP = 1 << 22  # coordinates × contributions per sort: bounds the trimmed mean's scratch memory
-
-
-def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    """‖Δ‖₂ over every tensor of a fragment's pseudo-gradient (accumulated in fp64)."""
-    return math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
 
 
 def clip_scales(norms: Sequence[float], bound: float) -> list[float]:
@@ -99,7 +95,7 @@ class Aggregator:
         return grad, info
 
     def clip(self, contributions: list[Contribution], fragment: int, info: dict[str, Any]) -> list[Contribution]:
-        norms = [update_norm(c.delta) for c in contributions]
+        norms = [l2_norm(c.delta) for c in contributions]
         bound = self.cfg.clip_update_norm * statistics.median([*self.norms[fragment], *norms])
         self.norms[fragment].extend(norms)
         scales = clip_scales(norms, bound)

@@ -41,7 +41,8 @@ from archipelago.runinfo import run_metadata, write_json
 from coordinator.config import CoordinatorConfig
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
-from protos.codec import Payload, encode, payload_nbytes, split_chunks
+from protos.codec import Payload, encode, payload_nbytes
+from protos.framing import split_chunks
 from protos.quant import SCHEMES
 
 TINY_PARAMS = 2_361_280  # elements DiLoCo syncs for configs/tiny.toml's model (a test keeps this true)

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         if not os.path.isdir(init):
             raise cfglib.ConfigError(f"--init {init} does not exist (write one with archipelago island init)")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
-        from coordinator.server import LostLeadership, serve
+        from coordinator.serve import LostLeadership, serve
 
         try:
             asyncio.run(serve(cfg, init))

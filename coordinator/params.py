@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from protos.broadcast import apply_delta
+from protos.broadcast import apply_delta, l2_norm
 from protos.codec import Payload, TensorSpec, decode, encode
 from protos.fragments import split_fragments
 
@@ -35,14 +35,6 @@ class Contribution:
     eval_loss: float
     compute_s: float
     last: bool = False  # the island's last push of its run for this fragment
-
-
-@dataclass
-class OuterResult:
-    version: int
-    fragment: int
-    payload: Payload  # the quantized outer delta, as islands will apply it
-    update_norm: float
 
 
 class ParamState:
@@ -100,8 +92,7 @@ class ParamState:
         delta = {n: self.theta_g[n] - self.theta_b[n] for n in names}
         payload = encode(delta, scheme)
         apply_delta(self.theta_b, decode(payload, [self.specs[n] for n in names]))
-        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
-        return payload, norm
+        return payload, l2_norm(delta)
 
     def full_payload(self) -> Payload:
         """θ_b, lossless, for islands that join or must reload."""

@@ -37,24 +37,18 @@ from urllib.parse import quote
 import torch
 
 from archipelago.checkpoint import prune_checkpoints, read_checkpoint, write_checkpoint
+from coordinator.admission import NoSuchCheckpoint, PushClaim, admit
 from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
-from coordinator.guard import Guard, first_non_finite, round_loss
+from coordinator.guard import Guard, round_loss
 from coordinator.membership import Membership
 from coordinator.params import Contribution, ParamState
 from coordinator.spool import read_payload, remove, write_payload
 from coordinator.store import Key, Spill, StateStore
+from protos.broadcast import l2_norm
 from protos.codec import Payload, decode
 
 log = logging.getLogger(__name__)
-
-
-class StalePush(Exception):
-    """A push that became too stale while it was streaming."""
-
-
-class OtherTimeline(Exception):
-    """A push whose base version belongs to a timeline a rollback abandoned."""
 
 
 @dataclass
@@ -63,6 +57,18 @@ class DeltaRecord:
     fragment: int
     round: int
     payload: Payload
+
+
+@dataclass
+class OuterStep:
+    """One aggregate-and-step of a fragment: what the guard judges it by, and how to undo it."""
+
+    saved: dict[str, dict[str, torch.Tensor]]  # the fragment's θ_g and momentum before the step
+    norms_before: dict[str, Any]  # the aggregator's clipping window before the step
+    grad: dict[str, torch.Tensor]  # the aggregated pseudo-gradient
+    stepped: dict[str, torch.Tensor]  # the fragment's θ_g after the step
+    step_norm: float  # ‖θ_g after − θ_g before‖₂
+    robust: dict[str, Any]  # what robust aggregation did (recorded with the version)
 
 
 @dataclass
@@ -225,20 +231,15 @@ class RoundEngine:
     async def submit(self, contribution: Contribution, payload: Payload, timeline: int) -> int:
         """Make a validated push durable and queue it; close the round if that completes a quorum.
 
-        Raises KeyError for a key already received, StalePush if versions committed while the push
-        was streaming made it older than the staleness limit, OtherTimeline after a rollback.
+        Admission is checked again under the lock (`admit` raises the refusal): while the push
+        streamed, versions may have committed, a rollback may have happened, or the same push may
+        have arrived on another stream.
         """
         async with self.lock:
-            key = (contribution.island_id, contribution.round, contribution.fragment)
-            if timeline != self.timeline:
-                raise OtherTimeline(f"push is based on timeline {timeline}; the coordinator rolled back and is on "
-                                    f"timeline {self.timeline}: reload θ_b")
-            if self.received(key):
-                raise KeyError(key)
-            staleness = self.version - contribution.base_version
-            if staleness > self.cfg.staleness_limit:
-                raise StalePush(f"base version {contribution.base_version} is {staleness} versions old; "
-                                f"the staleness limit is {self.cfg.staleness_limit}")
+            claim = PushClaim(contribution.island_id, contribution.round, contribution.fragment,
+                              contribution.base_version, timeline)
+            admit(claim, self, self.cfg.staleness_limit)
+            key = claim.key
             await asyncio.to_thread(self._spill, key, contribution, payload)
             if not self.pending[contribution.fragment]:  # the deadline runs from the round's first push
                 self.opened_at[contribution.fragment] = time.monotonic()
@@ -288,15 +289,14 @@ class RoundEngine:
             for fragment in range(self.num_fragments):
                 await self._maybe_close(fragment)
 
-    def _outer_step(self, fragment: int, contributions: list[Contribution]) -> dict[str, Any]:
-        """Aggregate and step θ_g in place; what the guard needs to judge it and to undo it."""
+    def _outer_step(self, fragment: int, contributions: list[Contribution]) -> OuterStep:
+        """Aggregate and step θ_g in place (docs/design.md, step 7)."""
         saved = self.params.save_fragment(fragment)
         norms_before = self.aggregator.state()
         grad, robust = self.aggregator(self.params, contributions, fragment)
         stepped = self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
-        step_norm = math.sqrt(sum(float(((stepped[n] - saved["theta_g"][n]).double() ** 2).sum()) for n in stepped))
-        return {"saved": saved, "norms_before": norms_before, "grad": grad, "stepped": stepped,
-                "step_norm": step_norm, "robust": robust}
+        step_norm = l2_norm({n: stepped[n] - saved["theta_g"][n] for n in stepped})
+        return OuterStep(saved, norms_before, grad, stepped, step_norm, robust)
 
     def _close(self, fragment: int) -> list[RoundEvent]:
         keys = list(self.pending[fragment])
@@ -304,29 +304,29 @@ class RoundEngine:
         round_ = self.rounds[fragment]
         step = self._outer_step(fragment, contributions)
         loss = round_loss([(c.loss_mean, c.eval_loss) for c in contributions])
-        reason = self.guard.check(fragment, step["grad"], step["stepped"], step["step_norm"], loss)
+        reason = self.guard.check(fragment, step.grad, step.stepped, step.step_norm, loss)
         if reason is not None:
-            self.params.restore_fragment(step["saved"])
-            self.aggregator.load(step["norms_before"])
-            return self._refuse(fragment, round_, keys, contributions, reason, step["step_norm"], loss)
+            self.params.restore_fragment(step.saved)
+            self.aggregator.load(step.norms_before)
+            return self._refuse(fragment, round_, keys, contributions, reason, step.step_norm, loss)
         return [self._commit(fragment, round_, keys, contributions, step, loss)]
 
     def _commit(self, fragment: int, round_: int, keys: list[Key], contributions: list[Contribution],
-                step: dict[str, Any], loss: float) -> RoundEvent:
+                step: OuterStep, loss: float) -> RoundEvent:
         # The new version becomes visible (status, heartbeats, registrations) only once it is durable.
         payload, update_norm = self.params.broadcast_delta(fragment, self.cfg.broadcast_scheme)
         version = self.version + 1
         fragment_versions = [version if f == fragment else v for f, v in enumerate(self.fragment_versions)]
         rounds = [round_ + 1 if f == fragment else r for f, r in enumerate(self.rounds)]
-        self.guard.committed(fragment, step["step_norm"], loss)
+        self.guard.committed(fragment, step.step_norm, loss)
         self._note_finished(contributions)
         info = {"islands": sorted({c.island_id for c in contributions}), "update_norm": update_norm,
-                "step_norm": step["step_norm"], "tokens": sum(c.tokens for c in contributions),
+                "step_norm": step.step_norm, "tokens": sum(c.tokens for c in contributions),
                 "loss_mean": _mean([c.loss_mean for c in contributions]),
                 "eval_loss": _mean([c.eval_loss for c in contributions]),
                 "staleness": [version - 1 - c.base_version for c in contributions],
                 "delta_sha256": payload.header["body_sha256"], "timeline": self.timeline,
-                "time": time.time(), **step["robust"]}
+                "time": time.time(), **step.robust}
         delta_path = write_payload(self.delta_dir / f"v{version:012d}-t{self.timeline}.bin", payload)
         checkpoint = None
         if self.cfg.checkpoint_every and version % self.cfg.checkpoint_every == 0:
@@ -383,10 +383,12 @@ class RoundEngine:
             return event
 
     def _rollback(self, version: int, reason: str, by: str) -> RoundEvent:
-        """Restore the checkpoint of `version`; KeyError if no kept checkpoint holds it."""
+        """Restore the checkpoint of `version` (NoSuchCheckpoint if no kept checkpoint holds it)."""
         table = self.store.checkpoints()
         if version not in table or not Path(table[version]).is_dir():
-            raise KeyError(version)
+            kept = sorted(v for v, p in table.items() if Path(p).is_dir())
+            raise NoSuchCheckpoint(f"version {version} has no kept checkpoint to roll back to (kept checkpoints: "
+                                   f"{kept}; the current version is {self.version})")
         previous, rounds = self.version, list(self.rounds)
         self._load_checkpoint(table[version])
         self.rounds = [r + 1 for r in rounds]  # round numbers never go back: push keys stay unique
@@ -448,7 +450,3 @@ def _mean(values: list[float]) -> float:
     finite = [v for v in values if v == v and not math.isinf(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
-
-def finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor with a NaN or Inf, or None."""
-    return first_non_finite(tensors)

@@ -1,16 +1,11 @@
 """The coordinator's gRPC services (grpc.aio): islands' RPCs and the operators' Admin RPCs.
 
-Every input is validated here, at the trust boundary, before anything reaches the round engine;
-a refused call gets a gRPC status whose message names the problem, and changes nothing.
+Every input is validated here, at the trust boundary, before anything reaches the round engine
+(framing: protos/framing.py; admission and the named refusals: coordinator/admission.py); a
+refused call gets a gRPC status whose message names the problem, and changes nothing. A refusal
+the island can repair by itself carries trailing metadata `archipelago-action` (see admission).
 
-A refusal that the island can repair by itself carries trailing metadata `archipelago-action`:
-`register` (its lease is unknown, fenced or expired: register again, e.g. after a coordinator
-restart or failover), `reload` (the coordinator rolled back: pull θ_b again) or `drop` (the push
-is too stale to apply: drop it and go on).
-
-With `coordinator.etcd` set, `serve` first wins the leader election (coordinator/etcd.py) and only
-then loads the state and opens its port; a standby waits in the election. A leader whose store
-write is fenced, or whose lease is lost, stops serving at once (exit status 3).
+`coordinator/serve.py` runs these services (and the leader election).
 """
 
 from __future__ import annotations
@@ -18,13 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import os
-import threading
 import time
-import zlib
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +23,18 @@ import torch
 
 from archipelago.checkpoint import read_checkpoint
 from archipelago.errors import UserError
+from coordinator.admission import NoSuchCheckpoint, PushClaim, Refused, admit, check_pseudo_gradient
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
 from coordinator.metrics import Metrics
 from coordinator.params import Contribution, ParamState
-from coordinator.rounds import OtherTimeline, RoundEngine, RoundEvent, StalePush, finite
-from coordinator.security import server_credentials
+from coordinator.rounds import RoundEngine, RoundEvent
 from coordinator.store import Fenced, StateStore, sqlite_store
-from coordinator.wire import ParseErrors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
-from protos.codec import Chunk, CodecError, Payload, decode, join_chunks, split_chunks
+from protos.codec import CodecError, Payload, decode
+from protos.framing import Assembler, FramingError, check_codec_header, frame
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +43,7 @@ STATUS = {name: getattr(grpc.StatusCode, name) for name in (
     "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE", "UNAVAILABLE")}
 
 
-def grpc_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
-    """Message limits for both ends; without them an oversized message surfaces as INTERNAL."""
-    return [("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes)]
-
-
 ACTION_KEY = "archipelago-action"  # trailing metadata: what the island should do about a refusal
-
-
-class Refused(Exception):
-    def __init__(self, code: str, message: str, action: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.action = action  # "" | "register" | "reload"
-
-
-class LostLeadership(Exception):
-    """This coordinator is no longer the leader of its run (fenced write or lost etcd lease)."""
 
 
 def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -122,7 +95,7 @@ class Coordinator:
         try:
             member = self.membership.check(lease.island_id, lease.lease_id, lease.epoch)
         except LeaseError as exc:
-            raise Refused(exc.code, str(exc), "register" if exc.code == "FAILED_PRECONDITION" else "") from exc
+            raise Refused(str(exc), exc.code, "register" if exc.code == "FAILED_PRECONDITION" else "") from exc
         self.membership.renew(member)
         return member
 
@@ -130,7 +103,7 @@ class Coordinator:
         """Stop serving: another coordinator leads the run now."""
         self.lost_leadership = True
         self.stop(f"{exc}")
-        return Refused("UNAVAILABLE", f"this coordinator is no longer the leader: {exc}")
+        return Refused(f"this coordinator is no longer the leader: {exc}", "UNAVAILABLE")
 
     def stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -186,17 +159,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Refused) -> None:
     await context.abort(STATUS[exc.code], str(exc))
 
 
-def payload_parts(payload: Payload, header: pb.PayloadHeader, chunk_bytes: int) -> list[pb.PayloadPart]:
-    chunks = split_chunks(payload.body, chunk_bytes)
-    header.codec_header = payload.header_bytes()
-    header.body_len = len(payload.body)
-    header.body_sha256 = payload.header["body_sha256"]
-    header.num_chunks = len(chunks)
-    parts = [pb.PayloadPart(header=header)]
-    parts += [pb.PayloadPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32)) for c in chunks]
-    return parts
-
-
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
@@ -206,9 +168,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             c.membership.authenticate(request.island_id, request.token)
             if request.config_hash != c.config_hash:
-                raise Refused("FAILED_PRECONDITION", f"config hash {request.config_hash!r} of island "
-                              f"'{request.island_id}' differs from the run's (model, tensors or fragments "
-                              "differ)")
+                raise Refused(f"config hash {request.config_hash!r} of island '{request.island_id}' differs "
+                              "from the run's (model, tensors or fragments differ)", "FAILED_PRECONDITION")
             member = c.membership.register(request.island_id, request.token)
         except LeaseError as exc:
             await context.abort(STATUS[exc.code], str(exc))
@@ -243,14 +204,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             records = None if request.full else c.engine.deltas_since(request.since_version)
             if records is None:
                 version, payload = await asyncio.to_thread(c.engine.full_copy)
-                messages = payload_parts(payload, pb.PayloadHeader(version=version, fragment=-1, full=True,
-                                                                   timeline=c.engine.timeline), c.cfg.chunk_bytes)
+                messages = frame(pb.PayloadPart, pb.PayloadHeader(version=version, fragment=-1, full=True,
+                                                                  timeline=c.engine.timeline), payload, c.cfg.chunk_bytes)
             else:
                 messages = []
                 for r in records:
-                    messages += payload_parts(r.payload, pb.PayloadHeader(
+                    messages += frame(pb.PayloadPart, pb.PayloadHeader(
                         version=r.version, fragment=r.fragment, full=False, timeline=c.engine.timeline),
-                        c.cfg.chunk_bytes)
+                        r.payload, c.cfg.chunk_bytes)
         for message in messages:
             member.bytes_out += message.ByteSize()
             yield message
@@ -264,14 +225,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 version = await c.engine.submit(contribution, payload, timeline)
             except Fenced as exc:
                 raise c.fenced(exc) from exc
-            except OtherTimeline as exc:
-                raise Refused("FAILED_PRECONDITION", str(exc), "reload") from exc
-            except StalePush as exc:
-                raise Refused("FAILED_PRECONDITION", str(exc), "drop") from exc
-            except KeyError as exc:
-                raise Refused("ALREADY_EXISTS", f"push for island '{contribution.island_id}' round "
-                              f"{contribution.round} fragment {contribution.fragment} was already "
-                              "received") from exc
         except Refused as exc:
             c.metrics.refused.labels(reason=exc.code).inc()
             log.warning("push refused: %s %s", exc.code, exc)
@@ -287,80 +240,32 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                             message=f"accepted for fragment {contribution.fragment}{late}")
 
     async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int, Payload, int]:
+        """Read one push: lease, header, admission, then the chunks, the body and its checks."""
         c = self.c
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
-            raise Refused("INVALID_ARGUMENT", "a push must start with a PushHeader")
+            raise Refused("a push must start with a PushHeader")
         h = first.header
         member = c.lease(h.lease)
-        engine = c.engine
-        if h.codec_header_crc32 and zlib.crc32(h.codec_header) != h.codec_header_crc32:
-            raise Refused("DATA_LOSS", "the push's codec header fails its crc32 check (corrupted in transit)")
-        if h.timeline != engine.timeline:
-            raise Refused("FAILED_PRECONDITION", f"push from island '{member.island_id}' is based on timeline "
-                          f"{h.timeline}; the coordinator rolled back and is on timeline {engine.timeline}: "
-                          "reload θ_b", "reload")
-        if h.fragment >= engine.num_fragments:
-            raise Refused("INVALID_ARGUMENT", f"fragment {h.fragment} does not exist "
-                          f"(the run has {engine.num_fragments})")
-        if h.round > engine.rounds[h.fragment]:
-            raise Refused("FAILED_PRECONDITION", f"round {h.round} of fragment {h.fragment} is not open "
-                          f"(the open round is {engine.rounds[h.fragment]})")
-        if engine.received((member.island_id, h.round, h.fragment)):
-            raise Refused("ALREADY_EXISTS", f"push for island '{member.island_id}' round {h.round} "
-                          f"fragment {h.fragment} was already received")
-        if h.base_version > engine.version:
-            raise Refused("INVALID_ARGUMENT", f"base version {h.base_version} is ahead of the global "
-                          f"version {engine.version}")
-        staleness = engine.version - h.base_version
-        if staleness > c.cfg.staleness_limit:
-            raise Refused("FAILED_PRECONDITION", f"base version {h.base_version} is {staleness} versions "
-                          f"old; the staleness limit is {c.cfg.staleness_limit}", "drop")
-        if h.body_len > c.cfg.max_payload_bytes:
-            raise Refused("RESOURCE_EXHAUSTED", f"payload of {h.body_len} bytes exceeds the limit of "
-                          f"{c.cfg.max_payload_bytes}")
-        expected_chunks = -(-h.body_len // c.cfg.chunk_bytes)
-        if h.num_chunks != expected_chunks:
-            raise Refused("INVALID_ARGUMENT", f"{h.num_chunks} chunks do not fit a body of {h.body_len} bytes "
-                          f"in chunks of {c.cfg.chunk_bytes} bytes (expected {expected_chunks})")
-        chunks: list[Chunk] = []
-        received = first.ByteSize()
-        body_bytes = 0
-        async for part in request_iterator:
-            if part.WhichOneof("part") != "chunk":
-                raise Refused("INVALID_ARGUMENT", "a push carries one PushHeader, then only chunks")
-            received += part.ByteSize()
-            body_bytes += len(part.chunk.data)
-            if len(chunks) >= h.num_chunks or body_bytes > h.body_len:
-                raise Refused("INVALID_ARGUMENT", f"more data than declared ({h.num_chunks} chunks, "
-                              f"{h.body_len} bytes)")
-            if zlib.crc32(part.chunk.data) != part.chunk.crc32:
-                raise Refused("DATA_LOSS", f"chunk {part.chunk.index} fails its crc32 check")
-            chunks.append(Chunk(part.chunk.index, part.chunk.data, part.chunk.crc32))
-        if len(chunks) != h.num_chunks:
-            raise Refused("DATA_LOSS", f"stream ended after {len(chunks)} of {h.num_chunks} chunks "
-                          "(truncated push)")
         try:
-            body = join_chunks(chunks, h.body_len, h.body_sha256)
-        except CodecError as exc:
-            raise Refused("DATA_LOSS", f"payload refused: {exc}") from exc
+            check_codec_header(h)
+            claim = PushClaim(member.island_id, h.round, h.fragment, h.base_version, h.timeline)
+            staleness = admit(claim, c.engine, c.cfg.staleness_limit)
+            assembler = Assembler(h, c.cfg.chunk_bytes, c.cfg.max_payload_bytes)
+            received = first.ByteSize()
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "chunk":
+                    raise Refused("a push carries one PushHeader, then only chunks")
+                received += part.ByteSize()
+                assembler.add(part.chunk)
+            payload = assembler.payload()
+        except FramingError as exc:
+            raise Refused(str(exc), exc.code) from exc
         try:
-            payload = Payload.from_header_bytes(h.codec_header, body)
-            if payload.header.get("scheme") != h.scheme:
-                raise CodecError(f"codec header scheme {payload.header.get('scheme')!r} differs from the "
-                                 f"push header's {h.scheme!r}")
             delta = await asyncio.to_thread(decode, payload, c.params.fragment_specs(h.fragment))
         except CodecError as exc:
-            raise Refused("INVALID_ARGUMENT", f"payload refused: {exc}") from exc
-        bad = finite(delta)
-        if bad is not None:
-            raise Refused("INVALID_ARGUMENT", f"pseudo-gradient tensor '{bad}' contains NaN or Inf")
-        norm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
-        if c.cfg.max_update_norm > 0 and norm > c.cfg.max_update_norm:
-            raise Refused("INVALID_ARGUMENT", f"pseudo-gradient norm {norm:.4g} exceeds the bound "
-                          f"{c.cfg.max_update_norm:.4g}")
-        if h.tokens == 0:
-            raise Refused("INVALID_ARGUMENT", "a push must report the tokens it trained on (tokens=0)")
+            raise Refused(f"payload refused: {exc}") from exc
+        check_pseudo_gradient(delta, h.tokens, c.cfg.max_update_norm)
         weight = h.tokens * (c.cfg.staleness_discount ** staleness)
         return (Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
                              h.loss_mean, h.eval_loss, h.compute_s, h.last), member, received, payload, h.timeline)
@@ -427,10 +332,8 @@ class AdminService(pb_grpc.AdminServicer):
         c, version = self.c, request.to_version
         try:
             event = await c.engine.rollback(version, f"operator rollback to version {version}", by="admin")
-        except KeyError:
-            kept = sorted(v for v, p in c.store.checkpoints().items() if Path(p).is_dir())
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"version {version} has no kept checkpoint to roll "
-                                f"back to (kept checkpoints: {kept}; the current version is {c.engine.version})")
+        except NoSuchCheckpoint as exc:
+            await _abort(context, exc)
         except Fenced as exc:
             await _abort(context, c.fenced(exc))
         c.metrics.rollbacks.inc()
@@ -448,90 +351,3 @@ class AdminService(pb_grpc.AdminServicer):
         self.c.engine.publish(RoundEvent("SHUTDOWN", self.c.engine.version, -1, 0, "shutdown by operator"))
         self.c.stop("shutdown by operator")
         return pb.AdminReply(ok=True, message="shutting down", version=self.c.engine.version)
-
-
-def free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-async def _watch_leadership(coord: Coordinator, election: Any) -> None:
-    while not coord.stopping.is_set():
-        if election.lost.is_set():
-            coord.lost_leadership = True
-            coord.stop(f"lost leadership: {election.lost_reason}")
-            return
-        await asyncio.sleep(0.1)
-
-
-async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event | None = None) -> None:
-    """Run the coordinator until an admin Shutdown (or cancellation).
-
-    With `cfg.etcd`, first wait to win the leader election; raises `LostLeadership` if the run's
-    leadership passes to another coordinator while this one serves.
-    """
-    credentials = server_credentials(cfg)  # before anything is loaded: a refused config fails fast
-    election = session = store = None
-    if cfg.etcd:
-        from coordinator.etcd import EtcdSession, LeaderElection, etcd_store
-
-        if not cfg.port:
-            cfg = replace(cfg, port=free_port(cfg.host))
-        session = await asyncio.to_thread(EtcdSession, cfg.etcd, cfg.etcd_prefix)
-        election = LeaderElection(session, cfg.etcd_lease_ttl_s, f"{cfg.host}:{cfg.port}")
-        log.info("standing for election in etcd %s (%s) as %s:%d", cfg.etcd, cfg.etcd_prefix, cfg.host, cfg.port)
-        campaign_stop = threading.Event()
-        try:
-            await asyncio.to_thread(election.campaign, campaign_stop)
-        except BaseException:
-            campaign_stop.set()
-            session.close()
-            raise
-        store = etcd_store(session, election.epoch)
-    try:
-        coord = Coordinator(cfg, init, store)
-    except BaseException:
-        if election is not None:
-            election.resign()
-            session.close()
-        raise
-    server = grpc.aio.server(options=grpc_options(cfg), interceptors=[ParseErrors()])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coord), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
-    if credentials is None:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    else:
-        port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
-    await server.start()
-    address = f"{cfg.host}:{port}"
-    address_file = Path(cfg.state_dir) / "address"
-    tmp = address_file.with_name(f".address.tmp-{os.getpid()}")
-    tmp.write_text(address)
-    os.replace(tmp, address_file)
-    log.info("coordinator listening on %s (%s, version %d, timeline %d, %s%s)", address,
-             "plaintext" if credentials is None else "mutual TLS" if cfg.tls_ca else "TLS",
-             coord.engine.version, coord.engine.timeline, "resumed" if coord.resumed else "fresh",
-             f", leader epoch {election.epoch}" if election else "")
-    if ready is not None:
-        ready.set()
-    ticker = asyncio.create_task(coord.run_ticker())
-    watcher = asyncio.create_task(_watch_leadership(coord, election)) if election is not None else None
-    try:
-        await coord.stopping.wait()
-        await asyncio.sleep(0.2)  # let the SHUTDOWN events reach subscribers
-    finally:
-        coord.stopping.set()
-        ticker.cancel()
-        if watcher is not None:
-            watcher.cancel()
-        await server.stop(grace=0.0 if coord.lost_leadership else 1.0)
-        coord.store.close()
-        if election is not None:
-            if not coord.lost_leadership:
-                election.resign()
-            session.close()
-    if coord.lost_leadership:
-        raise LostLeadership(coord.stop_reason)

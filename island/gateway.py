@@ -5,7 +5,7 @@ in the gateway, a small process beside the groups that owns the gRPC link (lease
 feedback, rounds) and holds no optimizer. The coordinator sees one island whatever its inside;
 a replica group can die and come back without the island leaving the coordinator's quorum.
 
-    gateway (IslandGateway, a DiLoCoClient)          replica groups (island/group_link.py)
+    gateway (a DiLoCoClient with GroupSteps)         replica groups (island/group_link.py)
     register, pull θ_b ──── GET /start ────────────▶ every group starts from θ_b
     "inner steps": wait ◀── POST /sync/N ─────────── at sync point N each live group posts its
       for sync N                                      full θ_local (the first one is used; the
@@ -38,8 +38,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from island.diloco import DiLoCoClient, DiLoCoConfig
-from island.train import Trainer
+from island.diloco import DiLoCoClient, InnerSteps
 from protos import archipelago_pb2 as pb
 from protos.broadcast import digest
 
@@ -240,36 +239,31 @@ def _handler_for(state: GatewayState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class IslandGateway(DiLoCoClient):
-    """The DiLoCo client of an island of replica groups: its inner steps are the groups'.
+class GroupSteps(InnerSteps):
+    """The inner steps of an island of replica groups: the groups train; the gateway's DiLoCo client
+    (`DiLoCoClient(..., steps=GroupSteps(...))`) waits for their sync reports and hands them the
+    merges.
 
-    `trainer` is a one-process Trainer of the same job: its model holds θ_local as last reported
-    by the groups (and is where island 0 evaluates θ_b); it never trains.
+    The client's `trainer` is then a one-process Trainer of the same job: its model holds θ_local as
+    last reported by the groups (and is where island 0 evaluates θ_b); it never trains.
     """
 
-    def __init__(self, cfg: DiLoCoConfig, trainer: Trainer, address: str, island_id: str, token: str = "",
-                 *, state: GatewayState, health_check: Callable[[], None] | None = None) -> None:
-        super().__init__(cfg, trainer, address, island_id, token)
+    def __init__(self, state: GatewayState, health_check: Callable[[], None] | None = None) -> None:
         self.state = state
         self.health_check = health_check  # raises when the island's groups cannot go on
-        self.state.wake = self.arrived
         self.next_sync = 0
         self.sync_of_fragment: dict[int, int] = {}
-        self.round_tokens = 0
         self.tokens_trained = 0
         self.push_log: list[dict[str, Any]] = []
 
-    def connect(self) -> None:
-        super().connect()
-        # The order in which `run` visits fragments (it joins where the run is).
-        first = min(range(self.cfg.fragments), key=lambda f: (self.rounds[f], f))
-        order = [(first + i) % self.cfg.fragments for i in range(self.cfg.fragments)]
-        self.state.publish_start({"version": self.version, "order": order, "fragments": self.fragments},
-                                 self.local)
-        self.state.update(version=self.version, pushes=0, step=0)
+    def joined(self, client: DiLoCoClient) -> None:
+        self.state.wake = client.arrived
+        self.state.publish_start({"version": client.version, "order": client.fragment_order(),
+                                  "fragments": client.fragments}, client.local)
+        self.state.update(version=client.version, pushes=0, step=0)
 
-    def inner_steps(self, steps: int) -> None:
-        """The groups train; this waits for the sync point's report and takes its θ_local."""
+    def train(self, client: DiLoCoClient, steps: int, fragment: int) -> None:
+        """Wait for the groups' report of the sync point and take their θ_local."""
         n = self.next_sync
 
         def reported() -> bool:
@@ -277,50 +271,36 @@ class IslandGateway(DiLoCoClient):
                 self.health_check()
             return self.state.has_sync(n)
 
-        self.wait_until(reported, f"the replica groups' sync point {n}")
+        client.wait_until(reported, f"the replica groups' sync point {n}")
         report = self.state.take_sync(n)
         with torch.no_grad():
-            for name, t in self.local.items():
+            for name, t in client.local.items():
                 t.copy_(report.tensors[name])
-        self.loss_sum += report.loss_sum
-        self.loss_count += report.steps
-        self.round_tokens = report.tokens
+        client.record_steps(report.loss_sum, report.steps, report.tokens, report.compute_s)
         self.tokens_trained += report.tokens
-        self.stats.compute_s += report.compute_s
-        self.trainer.step = report.step
+        client.trainer.step = report.step
+        self.sync_of_fragment[fragment] = n
         self.next_sync += 1
         self.state.update(step=report.step)
 
-    def tokens_since_sync(self) -> int:
-        return self.round_tokens
+    def pushed(self, client: DiLoCoClient, record: dict[str, Any]) -> None:
+        self.push_log.append(record)
+        self.state.update(pushes=len(self.push_log))
 
-    def sync(self, fragment: int, last: bool = False) -> None:
-        self.sync_of_fragment[fragment] = self.next_sync - 1
-        super().sync(fragment, last)
-
-    def push(self, fragment: int, round_: int, base_version: int, payload: Any, tokens: int,
-             loss_mean: float, last: bool = False) -> None:
-        acknowledged = self.stats.pushes
-        super().push(fragment, round_, base_version, payload, tokens, loss_mean, last)
-        if self.stats.pushes > acknowledged:  # the coordinator holds it (not dropped as stale)
-            self.push_log.append({"fragment": fragment, "round": round_, "base_version": base_version,
-                                  "tokens": tokens, "t": time.time()})
-            self.state.update(pushes=len(self.push_log))
-
-    @torch.no_grad()
-    def apply_payload(self, header: pb.PayloadHeader, tensors: dict[str, torch.Tensor]) -> None:
+    def before_apply(self, client: DiLoCoClient, header: pb.PayloadHeader) -> None:
         if header.full and self.state.start is not None:
             # The groups only follow fragment merges at fixed steps; restarting their local state
             # from a new full θ_b (a coordinator rollback) is not wired through the group link.
             raise RuntimeError("a full θ_b arrived after the replica groups started (a rollback?); an "
                                "island of replica groups must be restarted as a whole to follow it")
-        super().apply_payload(header, tensors)
+
+    def applied(self, client: DiLoCoClient, header: pb.PayloadHeader) -> None:
         if not header.full:
             n = self.sync_of_fragment.pop(header.fragment)
-            names = self.fragments[header.fragment]
+            names = client.fragments[header.fragment]
             self.state.publish_merge(n, {"version": header.version, "fragment": header.fragment},
-                                     {name: self.theta_b[name] for name in names})
+                                     {name: client.theta_b[name] for name in names})
             self.state.update(version=header.version)
 
 
-__all__ = ["GatewayServer", "GatewayState", "IslandGateway", "SyncReport", "META_HEADER", "pack", "unpack"]
+__all__ = ["GatewayServer", "GatewayState", "GroupSteps", "SyncReport", "META_HEADER", "pack", "unpack"]

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from island.diloco import DiLoCoConfig
+from island.diloco_config import DiLoCoConfig
 from island.gateway import META_HEADER, pack, unpack
 from island.replica import ReplicaTrainer
 from island.train import StepStats
+from protos.broadcast import merge_local
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,11 @@ class GroupLink:
 
     @torch.no_grad()
     def apply_merge(self, n: int) -> None:
-        """θ_local_f ← θ_b_f + (θ_local_f − snapshot), elementwise as `DiLoCoClient.apply_payload`."""
+        """θ_local_f ← θ_b_f + (θ_local_f − snapshot), with the same `merge_local` as the gateway."""
         meta, theta_b = self.client.merge(n)
         snapshot = self.snapshots.pop(n)
-        local = self.trainer.local_tensors()
-        for name, snap in snapshot.items():
-            local[name].copy_(self.trainer.part_of(name, theta_b[name]) + (local[name] - snap))
+        merge_local(self.trainer.local_tensors(), {name: self.trainer.part_of(name, theta_b[name]) for name in snapshot},
+                    snapshot)
         self.merged += 1
         log.info("group %d rank %d merged version %d (sync point %d) at step %d", self.trainer.group,
                  self.trainer.group_rank, meta["version"], n, self.trainer.step)

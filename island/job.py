@@ -16,7 +16,9 @@ from typing import Any
 from archipelago import config as cfglib
 from archipelago.checkpoint import write_checkpoint
 from archipelago.runinfo import run_metadata, write_json
-from island.diloco import DiLoCoClient, DiLoCoConfig, run_config_hash
+from island.connection import CoordinatorLink
+from island.diloco import DiLoCoClient, InnerSteps
+from island.diloco_config import DiLoCoConfig, run_config_hash
 from island.replica import ReplicaGroupsConfig, check_island_layout
 from island.train import Trainer, TrainJobConfig
 from protos.broadcast import digest
@@ -61,15 +63,22 @@ def write_initial_model(job: IslandJobConfig, out: str | Path, model: Any = None
         "fragments": job.diloco.fragments, "tensor_names": list(tensors), "seed": job.train.seed})
 
 
+def open_client(cfg: DiLoCoConfig, trainer: Trainer, address: str, island_id: str, token: str = "",
+                steps: InnerSteps | None = None) -> DiLoCoClient:
+    """The DiLoCo client of island `island_id` over gRPC to the coordinator at `address`
+    (a comma-separated list tries each in turn)."""
+    return DiLoCoClient(cfg, trainer, CoordinatorLink(cfg, address, island_id, token), steps)
+
+
 def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
-               extra: Any = None, make_client: Any = DiLoCoClient) -> dict[str, Any]:
+               extra: Any = None, steps: InnerSteps | None = None) -> dict[str, Any]:
     """Run `trainer` as island `args.island_id` under the DiLoCo client; write and return its report.
 
     `extra(trainer, stats)`, when given, adds fields to the report (post-training's rewards).
-    `make_client` builds the client (the island gateway of replica groups builds its own).
+    `steps`: where the inner steps come from (an island of replica groups passes its gateway's).
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
-    client = make_client(job.diloco, trainer, args.coordinator, args.island_id, args.token)
+    client = open_client(job.diloco, trainer, args.coordinator, args.island_id, args.token, steps)
     stats = client.run()
     report = {
         "island_id": args.island_id, "island_index": args.island_index, "rounds": stats.rounds,
@@ -84,4 +93,4 @@ def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
     return report
 
 
-__all__ = ["IslandJobConfig", "load_job", "write_initial_model", "run_island"]
+__all__ = ["IslandJobConfig", "load_job", "open_client", "write_initial_model", "run_island"]

@@ -213,7 +213,7 @@ def gateway_trainer(job: Any, args: argparse.Namespace):
 def run_head(args: argparse.Namespace, job: Any, supervisor_for=None) -> dict[str, Any]:
     """Run the island's head until the DiLoCo client is done; with `supervisor_for(gateway_url,
     lighthouse)` also start and supervise the ranks here. Returns the island's report."""
-    from island.gateway import GatewayServer, GatewayState, IslandGateway
+    from island.gateway import GatewayServer, GatewayState, GroupSteps
     from island.job import run_island
 
     cfg: ReplicaGroupsConfig = job.island
@@ -237,15 +237,9 @@ def run_head(args: argparse.Namespace, job: Any, supervisor_for=None) -> dict[st
             threading.Thread(target=_write_status, args=(status_path, server.url, lighthouse_addr, state,
                                                           supervisor, stop_status), daemon=True).start()
 
-        clients: list[IslandGateway] = []
-
-        def make_client(diloco, trainer_, address, island_id, token) -> IslandGateway:
-            clients.append(IslandGateway(diloco, trainer_, address, island_id, token, state=state,
-                                         health_check=supervisor.check if supervisor is not None else None))
-            return clients[0]
-
-        report = run_island(args, job, trainer, make_client=make_client,
-                            extra=lambda t, s: island_fields(job, clients[0], state, supervisor))
+        steps = GroupSteps(state, health_check=supervisor.check if supervisor is not None else None)
+        report = run_island(args, job, trainer, steps=steps,
+                            extra=lambda t, s: island_fields(job, steps, state, supervisor))
         if supervisor is not None and not supervisor.wait_finished(cfg.timeout_s):
             log.warning("some replica groups did not finish within %gs; they are killed", cfg.timeout_s)
         return report
@@ -260,7 +254,7 @@ def run_head(args: argparse.Namespace, job: Any, supervisor_for=None) -> dict[st
             lighthouse.shutdown()
 
 
-def island_fields(job: Any, client: Any, state: Any, supervisor: GroupSupervisor | None) -> dict[str, Any]:
+def island_fields(job: Any, steps: Any, state: Any, supervisor: GroupSupervisor | None) -> dict[str, Any]:
     """What an island of replica groups adds to its report."""
     snap = state.snapshot()
     heals = [e for e in snap["events"] if e.get("kind") == "healed"]
@@ -269,13 +263,13 @@ def island_fields(job: Any, client: Any, state: Any, supervisor: GroupSupervisor
         "replica_groups": job.island.num_replica_groups, "ranks_per_group": job.parallel.num_ranks,
         "expert_parallel": bool(job.parallel.expert_parallel and job.parallel.num_ranks > 1
                                 and job.model.num_experts > 0),
-        "tokens": client.tokens_trained,
+        "tokens": steps.tokens_trained,
         "intra_island_failures": sum(1 for e in group_events if e["kind"] == "failed"),
         "intra_island_restarts": sum(1 for e in group_events if e["kind"] == "started" and e["incarnation"] > 0),
         # a group (all its ranks at once) that loaded a live peer's state
         "intra_island_recoveries": len({(e["group"], e["step"]) for e in heals}),
         "recoveries_bit_identical": all(e["peer_sha256"] == e["own_sha256"] for e in heals),
-        "heals": heals, "group_events": group_events, "push_log": client.push_log,
+        "heals": heals, "group_events": group_events, "push_log": steps.push_log,
         "sync_digests": snap["sync_digests"],
         "replicas_identical_at_syncs": all(s["identical"] for s in snap["sync_digests"]),
     }

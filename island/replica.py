@@ -32,7 +32,6 @@ middle of an all-reduce the survivors must drop the step, not crash in a communi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +44,7 @@ from archipelago.config import ConfigError
 from island.model import build_model
 from island.moe import MoE, update_router_biases
 from island.train import StepStats, Trainer, TrainJobConfig, lr_at, model_tensors
+from protos.broadcast import digest
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,6 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes and bytes in name order (bit-identical ⇔ equal)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class TorchftEndpoint:
     """Where a rank finds torchft: the island's Lighthouse and its group's TCPStore."""
@@ -138,7 +127,7 @@ class ReplicaTrainer(Trainer):
         if not 0 <= group < groups.num_replica_groups:
             raise ConfigError(f"replica group {group} is not in [0, {groups.num_replica_groups})")
         model = build_model(job.model, seed=job.train.seed)
-        # DiLoCo's tensors (island/diloco.py `synced_tensors`), named before experts are split up
+        # DiLoCo's tensors (island/diloco_config.py `synced_tensors`), named before experts are split up
         self.synced_names = sorted(n for n, t in model_tensors(model).items() if t.is_floating_point())
         super().__init__(job, island_id=island_id, num_islands=num_islands, total_steps=total_steps,
                          model=model)
@@ -260,7 +249,7 @@ class ReplicaTrainer(Trainer):
         heals). Live tensors: torchft serves them before this group's next optimizer step."""
         model = {n: local_part(t).detach() for n, t in self.model.state_dict().items()}
         optim = self.optimizer.state_dict()
-        return {"model": model, "model_sha256": tensors_sha256(model),
+        return {"model": model, "model_sha256": digest(model),
                 "optimizer": {"state": {i: {k: local_part(v) if torch.is_tensor(v) else v for k, v in s.items()}
                                         for i, s in optim["state"].items()},
                               "param_groups": optim["param_groups"]},
@@ -281,7 +270,7 @@ class ReplicaTrainer(Trainer):
         before = self.step
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
-        own = tensors_sha256({n: local_part(t) for n, t in self.model.state_dict().items()})
+        own = digest({n: local_part(t) for n, t in self.model.state_dict().items()})
         self.heals.append({"group": self.group, "rank": self.group_rank, "from_step": before,
                            "step": self.step, "peer_sha256": state["model_sha256"], "own_sha256": own})
         log.info("group %d rank %d healed from a peer: step %d -> %d, identical=%s", self.group,
@@ -331,4 +320,4 @@ class ReplicaTrainer(Trainer):
 
 
 __all__ = ["ReplicaGroupsConfig", "ReplicaTrainer", "TorchftEndpoint", "check_island_layout",
-           "is_replicated", "local_part", "tensors_sha256"]
+           "is_replicated", "local_part"]

@@ -10,9 +10,8 @@ Wire layout of one payload::
                              "nbytes"}]}],      scheme's layout order, with no gaps
      "raw_len", "body_len", "body_sha256"}
 
-The body travels as `Chunk`s of bounded size, each with a crc32, so a stream can fail fast on
-a corrupt chunk and a retry can resend only what is missing; the sha256 in the header then
-vouches for the whole body.
+On the wire the body travels in bounded chunks, each with a crc32 (protos/framing.py); the
+sha256 in the header vouches for the whole body.
 
 Both header and body come from the network, so `decode` validates the header *completely*
 (types, sizes against ``MAX_RAW_BYTES``/``MAX_DECODED_BYTES``, part layout against the scheme)
@@ -27,8 +26,7 @@ import hashlib
 import io
 import math
 import re
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,15 +80,6 @@ class Payload:
     def from_header_bytes(cls, data: bytes, body: bytes) -> Payload:
         """Parse and validate a header from the network (the body is checked by `decode`)."""
         return cls(parse_header(data), bytes(body))
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A slice of the body: its position, bytes, and zlib.crc32 of those bytes."""
-
-    index: int
-    data: bytes
-    crc32: int
 
 
 @dataclass(frozen=True)
@@ -332,41 +321,6 @@ def decode(
 def payload_nbytes(payload: Payload) -> int:
     """Bytes on the wire: msgpack header plus compressed body (chunk framing excluded)."""
     return len(payload.header_bytes()) + len(payload.body)
-
-
-def split_chunks(body: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Chunk]:
-    """Cut ``body`` into ``ceil(len/chunk_size)`` chunks (none for an empty body)."""
-    if not _is_int(chunk_size) or chunk_size < 1:
-        raise CodecError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    pieces = (bytes(body[o : o + chunk_size]) for o in range(0, len(body), chunk_size))
-    return [Chunk(i, data, zlib.crc32(data)) for i, data in enumerate(pieces)]
-
-
-def join_chunks(chunks: Iterable[Chunk], body_len: int, body_sha256: str) -> bytes:
-    """Reassemble a body from chunks in index order, checking every crc, the length and sha256.
-
-    Never holds more than ``body_len`` bytes of chunk data: it stops at the first chunk that
-    would overflow it.
-    """
-    _size(body_len, "body_len")
-    pieces: list[bytes] = []
-    total = 0
-    for pos, c in enumerate(chunks):
-        if c.index != pos:
-            problem = "is a duplicate" if c.index < pos else f"skips chunk {pos} (missing or out of order)"
-            raise CodecError(f"chunk {c.index} at position {pos} {problem}")
-        if (crc := zlib.crc32(c.data)) != c.crc32:
-            raise CodecError(f"chunk {pos} crc32 mismatch: declared {c.crc32:#010x}, data has {crc:#010x}")
-        total += len(c.data)
-        if total > body_len:
-            raise CodecError(f"chunk {pos} ends at byte {total}, past body_len={body_len} (extra data)")
-        pieces.append(c.data)
-    if total != body_len:
-        raise CodecError(f"body truncated: {len(pieces)} chunks carry {total} of body_len={body_len} bytes")
-    body = b"".join(pieces)
-    if (digest := hashlib.sha256(body).hexdigest()) != body_sha256:
-        raise CodecError(f"reassembled body sha256 {digest} does not match the header's {body_sha256}")
-    return body
 
 
 class ErrorFeedback:

@@ -19,7 +19,7 @@ import torch
 from archipelago import config as cfglib
 from archipelago.console import console
 from archipelago.runinfo import run_metadata, write_json
-from island.diloco import synced_tensors
+from island.diloco_config import synced_tensors
 from island.job import IslandJobConfig
 from island.train import Trainer
 from protos.codec import decode, encode, payload_nbytes

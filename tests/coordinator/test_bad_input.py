@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from protos import archipelago_pb2 as pb
-from protos.codec import Payload, split_chunks
+from protos.codec import Payload
+from protos.framing import split_chunks
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, CoordinatorHarness, part_offset, repack
 
 Code = grpc.StatusCode

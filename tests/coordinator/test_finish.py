@@ -9,8 +9,7 @@ import threading
 
 from archipelago.procs import free_port
 from coordinator.config import CoordinatorConfig
-from island.diloco import DiLoCoClient
-from island.job import load_job
+from island.job import load_job, open_client
 from island.train import Trainer
 from sim.run import ProcessGroup
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness
@@ -60,7 +59,7 @@ def test_an_island_that_does_not_wait_for_its_last_merge_leaves_once_acknowledge
                                   "optim.warmup_steps=1", "diloco.inner_steps=2", "diloco.rounds=1",
                                   "diloco.eval_every_rounds=0", "diloco.overlap=true", "diloco.wait_last_merge=false",
                                   "diloco.chunk_bytes=65536", "diloco.max_message_bytes=262144"])
-    client = DiLoCoClient(job.diloco, Trainer(job, island_id=0, num_islands=2, total_steps=2), c.address,
+    client = open_client(job.diloco, Trainer(job, island_id=0, num_islands=2, total_steps=2), c.address,
                           "island-0", TOKENS["island-0"])
     done = threading.Event()
     errors: list[BaseException] = []

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from protos import archipelago_pb2 as pb
-from protos.codec import split_chunks
+from protos.framing import split_chunks
 from protos.quant import SCHEMES
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, TOKENS, CoordinatorHarness
 

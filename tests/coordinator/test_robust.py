@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from coordinator import aggregate
-from coordinator.aggregate import Aggregator, clip_scales, trimmed_mean, trimmed_mean_tensors, update_norm
+from coordinator.aggregate import Aggregator, clip_scales, trimmed_mean, trimmed_mean_tensors
 from coordinator.config import CoordinatorConfig
 from coordinator.params import Contribution, ParamState
 from island.diloco import DiLoCoClient
-from island.job import load_job
+from island.job import load_job, open_client
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
-from protos.broadcast import digest
+from protos.broadcast import digest, l2_norm
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_clip_scales():
 def test_a_garbage_contribution_with_a_huge_norm_is_clipped_to_a_multiple_of_the_median():
     theta, deltas = honest_and_garbage()
     params = ParamState(theta, num_fragments=1)
-    norms = [update_norm(d) for d in deltas]
+    norms = [l2_norm(d) for d in deltas]
     agg = Aggregator(CoordinatorConfig(clip_update_norm=2.0), num_fragments=1)
     grad, info = agg(params, contributions(deltas), 0)
     bound = 2.0 * (sorted(norms)[1] + sorted(norms)[2]) / 2  # median of 4: mean of the middle two
@@ -85,7 +85,7 @@ def test_a_garbage_contribution_with_a_huge_norm_is_clipped_to_a_multiple_of_the
     want = {n: (sum(d[n] for d in deltas[:3]) + deltas[3][n] * (bound / norms[3])) / 4 for n in theta}
     for n in theta:
         torch.testing.assert_close(grad[n], want[n])
-    assert update_norm(grad) < 2 * max(norms[:3]) and norms[3] > 1e4 * max(norms[:3])
+    assert l2_norm(grad) < 2 * max(norms[:3]) and norms[3] > 1e4 * max(norms[:3])
     assert list(agg.norms[0]) == norms  # the window keeps the norms as pushed
 
     # Later rounds measure against the window: a lone garbage push is clipped even in a round of one.
@@ -100,7 +100,7 @@ def test_trimmed_mean_with_clipping_leaves_the_garbage_out():
     grad, info = agg(params, contributions(deltas), 0)
     assert info["aggregation"] == "trimmed_mean"
     honest_mean = params.aggregate(contributions(deltas[:3]), 0)
-    assert update_norm({n: grad[n] - honest_mean[n] for n in theta}) < update_norm(honest_mean)
+    assert l2_norm({n: grad[n] - honest_mean[n] for n in theta}) < l2_norm(honest_mean)
 
 
 def test_defaults_are_the_weighted_mean_bit_for_bit():
@@ -167,7 +167,7 @@ def train_islands(c: CoordinatorHarness, job, num_honest: int, attacker_token: s
     """Run `num_honest` DiLoCo islands (threads, real client) and maybe the attacker to the end;
     the eval loss of the final θ_b and the coordinator's status."""
     trainers = [Trainer(job, island_id=i, num_islands=num_honest, total_steps=ROUNDS * H) for i in range(num_honest)]
-    clients = [DiLoCoClient(job.diloco, t, c.address, f"island-{i}", TOKENS[f"island-{i}"])
+    clients = [open_client(job.diloco, t, c.address, f"island-{i}", TOKENS[f"island-{i}"])
                for i, t in enumerate(trainers)]
     attacker = Attacker(c, attacker_token) if attacker_token else None
     errors: list[BaseException] = []

@@ -23,8 +23,7 @@ from coordinator.cli import main
 from coordinator.config import CoordinatorConfig
 from coordinator.security import is_loopback, server_credentials
 from coordinator.server import Coordinator
-from island.diloco import DiLoCoClient
-from island.job import load_job
+from island.job import load_job, open_client
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS, CoordinatorHarness
@@ -152,14 +151,14 @@ def test_an_island_registers_over_mutual_tls_with_its_diloco_config(mtls, certs,
                                   f"diloco.tls_ca={certs / 'ca.crt'}", f"diloco.tls_cert={certs / 'island-0.crt'}",
                                   f"diloco.tls_key={certs / 'island-0.key'}"])
     trainer = Trainer(job)
-    client = DiLoCoClient(job.diloco, trainer, c.address, "island-0", TOKENS["island-0"])
+    client = open_client(job.diloco, trainer, c.address, "island-0", TOKENS["island-0"])
     try:
         client.connect()
-        assert client.lease is not None and client.version == 0
+        assert client.link.lease is not None and client.version == 0
     finally:
         client.close()
     job.diloco.tls_cert = job.diloco.tls_key = ""  # trusts the server, presents nothing
-    client = DiLoCoClient(job.diloco, trainer, c.address, "island-1", TOKENS["island-1"])
+    client = open_client(job.diloco, trainer, c.address, "island-1", TOKENS["island-1"])
     try:
         with pytest.raises(grpc.RpcError) as info:
             client.connect()

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from island.diloco import DiLoCoConfig
+from island.diloco_config import DiLoCoConfig
 from island.gateway import MERGES_KEPT, GatewayServer, GatewayState
 from island.group_link import GatewayClient, merge_step, sync_points
 

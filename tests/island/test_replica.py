@@ -22,8 +22,9 @@ from torch.distributed import TCPStore
 from archipelago import config as cfglib
 from archipelago.config import ConfigError
 from island.job import IslandJobConfig
-from island.replica import ReplicaTrainer, TorchftEndpoint, tensors_sha256
+from island.replica import ReplicaTrainer, TorchftEndpoint
 from island.train import Trainer, model_tensors, optimizer_tensors
+from protos.broadcast import digest
 
 WORDS = "the king queen lord of and to my a is that in thou thy with not be his for me this you".split()
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -213,7 +214,7 @@ def test_two_replica_groups_train_like_one_process_on_the_whole_batch(corpus, gr
         assert state.keys() == ref_state.keys()
         for name, t in ref_state.items():
             torch.testing.assert_close(state[name], t, **TOL, msg=name)
-    assert tensors_sha256(out[0]["state"]) == tensors_sha256(out[1]["state"]), "groups must agree bit for bit"
+    assert digest(out[0]["state"]) == digest(out[1]["state"]), "groups must agree bit for bit"
     assert any(ref_state[f"model.layers.{i}.mlp.expert_bias"].abs().sum() > 0 for i in (0, 1)), \
         "setup: the balancing bias must have moved"
 
@@ -247,7 +248,7 @@ def test_a_killed_group_is_dropped_and_a_restarted_one_heals_bit_identical(corpu
     assert any(e["participants"] == 1 and e["committed"] for e in out[0]["log"]), "group 0 went on alone"
     assert out[1]["log"][0]["participants"] == 2, "a healed group takes part in the step it healed in"
     assert out[0]["log"][-1]["step"] == out[1]["log"][-1]["step"] == steps
-    assert tensors_sha256(out[0]["state"]) == tensors_sha256(out[1]["state"]), \
+    assert digest(out[0]["state"]) == digest(out[1]["state"]), \
         "after recovery both groups must hold the same model and optimizer state bit for bit"
 
 

@@ -1,12 +1,10 @@
-"""Payload codec: round trips, determinism, error feedback, chunking, and hostile headers."""
+"""Payload codec: round trips, determinism, error feedback, and hostile headers."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import time
-import zlib
 from typing import Any
 
 import msgpack
@@ -19,16 +17,13 @@ from hypothesis import strategies as st
 
 from protos import codec
 from protos.codec import (
-    Chunk,
     CodecError,
     ErrorFeedback,
     Payload,
     TensorSpec,
     decode,
     encode,
-    join_chunks,
     payload_nbytes,
-    split_chunks,
 )
 from protos.quant import SCHEMES
 
@@ -150,86 +145,6 @@ def test_error_feedback_state_fragments_and_reset() -> None:
     assert ef.state_dict() == {"residuals": {}}
     with pytest.raises(CodecError, match="error-feedback state"):
         ef.load_state_dict({"residuals": {"a": [1.0]}})
-
-
-# ---------------------------------------------------------------- chunking
-
-
-def chunked(n: int, chunk_size: int, seed: int = 0) -> tuple[bytes, list[Chunk], str]:
-    body = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-    return body, split_chunks(body, chunk_size), hashlib.sha256(body).hexdigest()
-
-
-@pytest.mark.parametrize("n", [0, 1, 99, 100, 101, 1000])
-def test_chunk_boundaries(n: int) -> None:
-    body, chunks, sha = chunked(n, 100)
-    assert len(chunks) == math.ceil(n / 100) and all(len(c.data) <= 100 for c in chunks)
-    assert join_chunks(chunks, n, sha) == body
-
-
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 3000), chunk_size=st.integers(1, 800))
-def test_split_join_roundtrip(n: int, chunk_size: int) -> None:
-    body, chunks, sha = chunked(n, chunk_size, n)
-    assert [c.index for c in chunks] == list(range(len(chunks)))
-    assert join_chunks(iter(chunks), n, sha) == body
-
-
-@settings(max_examples=60, deadline=None)
-@given(data=st.data())
-def test_any_corruption_is_caught(data: st.DataObject) -> None:
-    n = data.draw(st.integers(2, 2000))
-    body, chunks, sha = chunked(n, data.draw(st.integers(1, max(1, n // 2))))
-    i = data.draw(st.integers(0, len(chunks) - 1))
-    kind = data.draw(st.sampled_from(["flip", "drop", "dup", "swap", "truncate", "extra"]))
-    bad = list(chunks)
-    if kind == "flip":
-        pos = data.draw(st.integers(0, len(chunks[i].data) - 1))
-        flipped = bytearray(chunks[i].data)
-        flipped[pos] ^= 1 << data.draw(st.integers(0, 7))
-        bad[i] = Chunk(i, bytes(flipped), chunks[i].crc32)
-        match = f"chunk {i} crc32 mismatch"
-    elif kind == "drop":
-        del bad[i]
-        match = "truncated" if i == len(chunks) - 1 else f"skips chunk {i}"
-    elif kind == "dup":
-        bad.insert(i + 1, chunks[i])
-        match = "duplicate"
-    elif kind == "swap":
-        j = (i + 1) % len(chunks)
-        if i == j:
-            return
-        bad[i], bad[j] = bad[j], bad[i]
-        match = "skips chunk|duplicate"
-    elif kind == "truncate":
-        last = chunks[-1]
-        bad[-1] = Chunk(last.index, last.data[:-1], last.crc32)
-        match = "crc32 mismatch"
-    else:
-        bad.append(Chunk(len(chunks), b"x", 0x8CDC1683))
-        match = "past body_len"
-    with pytest.raises(CodecError, match=match):
-        join_chunks(bad, n, sha)
-
-
-def test_chunk_length_and_sha_checks() -> None:
-    body, chunks, sha = chunked(250, 100)
-    short = [*chunks[:-1], Chunk(2, chunks[2].data[:-1], zlib.crc32(chunks[2].data[:-1]))]
-    with pytest.raises(CodecError, match="truncated: 3 chunks carry 249 of body_len=250"):
-        join_chunks(short, 250, sha)
-    with pytest.raises(CodecError, match="past body_len=200"):
-        join_chunks(chunks, 200, sha)
-    with pytest.raises(CodecError, match="sha256"):
-        join_chunks(chunks, 250, "0" * 64)
-    with pytest.raises(CodecError, match="chunk_size"):
-        split_chunks(body, 0)
-
-
-def test_payload_travels_in_chunks() -> None:
-    p = small_payload("int4-block")
-    h = Payload.from_header_bytes(p.header_bytes(), b"").header
-    body = join_chunks(split_chunks(p.body, 64), h["body_len"], h["body_sha256"])
-    assert torch.equal(decode(Payload(h, body))["w"], decode(p)["w"])
 
 
 # ---------------------------------------------------------------- hostile payloads

@@ -1,0 +1,284 @@
+"""An island's connection to the coordinator: every gRPC call the outer loop makes, and riding out
+the coordinator's absences (docs/design.md, steps 1, 2, 5 and 9).
+
+The outer loop (island/diloco.py) sees a small interface: `register`, `push(header, payload)`,
+`fetch(since, full)`, `heartbeat`, and a queue of coordinator `events`. Behind it:
+
+- every RPC retries with exponential backoff (at most `retry_max_delay_s` between attempts) for
+  `reconnect_timeout_s` while the coordinator is unreachable, trying each address of
+  `--coordinator a:1,b:2` in turn (a standby that took over);
+- a refusal whose trailing metadata `archipelago-action` says `register` (lease unknown, fenced or
+  expired: a restarted or new leader) registers again, a new epoch, and tells the outer loop;
+- a push that arrived corrupted (DATA_LOSS) is sent again;
+- a subscribe thread keeps the event stream open (after a gap it queues a resync event, since
+  commits may have been missed), and a heartbeat thread renews the lease every TTL/3 and hands each
+  reply to the outer loop, which compares it with what it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from protos import archipelago_pb2 as pb
+from protos import archipelago_pb2_grpc as pb_grpc
+from protos.codec import Payload
+from protos.framing import frame, read_stream
+from protos.transport import open_channel
+
+if TYPE_CHECKING:
+    from island.diloco_config import DiLoCoConfig
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+ACTION_KEY = "archipelago-action"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the coordinator said when the island registered."""
+
+    epoch: int
+    version: int
+    timeline: int
+    rounds: list[int]  # each fragment's open round
+    theta_b_sha256: str
+    received_pushes: int  # pushes the coordinator holds from this island (a restarted process resumes after them)
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """How a push ended: `accepted`, `already_received` (a retry of one the coordinator holds: done),
+    `stale` (too old to apply: dropped) or `other_timeline` (computed before a rollback: dropped,
+    the island must reload θ_b)."""
+
+    status: str
+    message: str
+    version: int = -1
+
+
+class CoordinatorLink:
+    """The gRPC side of one island's DiLoCo client (see the module docstring)."""
+
+    def __init__(self, cfg: DiLoCoConfig, address: str, island_id: str, token: str = "") -> None:
+        self.cfg = cfg
+        self.island_id = island_id
+        self.token = token
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError(f"no coordinator address in {address!r}")
+        self.events: queue.Queue[pb.Event] = queue.Queue()
+        self.lease: pb.Lease | None = None
+        self.ttl_s = 10.0
+        self.reconnects = 0
+        self.config_hash = ""
+        self.on_heartbeat: Callable[[pb.HeartbeatReply], None] = lambda reply: None
+        self.on_rejoin: Callable[[pb.RegisterReply], None] = lambda reply: None
+        self._stop = threading.Event()
+        self._join_lock = threading.RLock()
+        self._address_index = 0
+        self._old_channels: list[grpc.Channel] = []
+        self._threads: list[threading.Thread] = []
+        self.channel = self._open(self.addresses[0])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    # ---- the interface the outer loop uses ------------------------------------------------------
+
+    def register(self, config_hash: str) -> Registration:
+        """Register (the first time); `config_hash` is sent again on every re-registration."""
+        self.config_hash = config_hash
+        reply = self._register()
+        self.ttl_s = reply.lease_ttl_s
+        return Registration(reply.epoch, reply.version, reply.timeline,
+                            [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)],
+                            reply.theta_b_sha256, reply.received_pushes)
+
+    def start(self, on_heartbeat: Callable[[pb.HeartbeatReply], None],
+              on_rejoin: Callable[[pb.RegisterReply], None]) -> None:
+        """Start the subscribe and heartbeat threads. `on_heartbeat` gets every heartbeat reply,
+        `on_rejoin` every re-registration's reply (both on those threads)."""
+        self.on_heartbeat, self.on_rejoin = on_heartbeat, on_rejoin
+        self.start_thread(self._subscribe, "subscribe")
+        self.start_thread(self._heartbeat, "heartbeat")
+
+    def heartbeat(self) -> pb.HeartbeatReply:
+        return self.call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(lease=self.lease), timeout=self.ttl_s))
+
+    def push(self, header: pb.PushHeader, payload: Payload) -> PushOutcome:
+        """Stream one pseudo-gradient: `header` (without the lease and the body's fields) and the
+        payload's chunks. Every attempt carries the lease held at that moment."""
+        parts = frame(pb.PushPart, header, payload, self.cfg.chunk_bytes)
+
+        def attempt() -> pb.PushReply:
+            parts[0].header.lease.CopyFrom(self.lease)
+            return self.stub.PushPseudoGrad(iter(parts))
+
+        try:
+            reply = self.call(attempt, resend=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return PushOutcome("already_received", exc.details())
+            action = _action(exc)
+            if action == "drop":
+                return PushOutcome("stale", exc.details())
+            if action == "reload":
+                return PushOutcome("other_timeline", exc.details())
+            raise
+        return PushOutcome("accepted", reply.message, reply.version)
+
+    def fetch(self, since: int, full: bool = False) -> list[tuple[pb.PayloadHeader, Payload]]:
+        """Every outer delta after version `since` (or, with `full` or when the coordinator no longer
+        holds them all, the full θ_b), in version order, each as its header and payload."""
+        parts = self.call(lambda: list(self.stub.PullParams(
+            pb.PullRequest(lease=self.lease, full=full, since_version=since))))
+        return read_stream(parts)
+
+    def start_thread(self, target: Callable[[], None], name: str) -> None:
+        """A daemon thread that `close` joins."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self, timeout_s: float) -> list[str]:
+        """Stop and join (bounded) the threads; the names of those still running after `timeout_s`.
+        A thread still inside gRPC or torch while the interpreter shuts down can abort the process."""
+        self._stop.set()
+        self.channel.close()  # cancels the event stream and any call in flight
+        for channel in self._old_channels:
+            channel.close()
+        others = [t for t in self._threads if t is not threading.current_thread()]
+        deadline = time.monotonic() + timeout_s
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t.name for t in others if t.is_alive()]
+
+    # ---- retries, re-registration, failover ----------------------------------------------------
+
+    def call(self, fn: Callable[[], Any], register: bool = True, resend: bool = False) -> Any:
+        """Run an RPC, retrying with exponential backoff while the coordinator is unreachable
+        (trying each address in turn), registering again when the lease is gone, and, with
+        `resend`, sending again what arrived corrupted (DATA_LOSS)."""
+        deadline = time.monotonic() + self.cfg.reconnect_timeout_s
+        delay = 0.2
+        while True:
+            lease, stub = self.lease, self.stub
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if register and _action(exc) == "register" and time.monotonic() < deadline:
+                    self.rejoin(lease)
+                    continue
+                retry = exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
+                if not retry or time.monotonic() + delay > deadline or self._stop.is_set():
+                    raise
+                self.reconnects += 1
+                log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
+                if exc.code() in RETRYABLE and stub is self.stub:
+                    self._next_address()
+                time.sleep(delay)
+                delay = min(delay * 2, self.cfg.retry_max_delay_s)
+
+    def _register(self) -> pb.RegisterReply:
+        reply = self.call(lambda: self.stub.Register(pb.RegisterRequest(
+            island_id=self.island_id, token=self.token, config_hash=self.config_hash)), register=False)
+        self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
+        return reply
+
+    def rejoin(self, stale: pb.Lease | None) -> None:
+        """Register again (a new epoch) unless another thread already did since `stale` failed."""
+        with self._join_lock:
+            if self.lease is not stale:
+                return
+            reply = self._register()
+            log.warning("island %s registered again (epoch %d) at coordinator version %d, timeline %d",
+                        self.island_id, reply.epoch, reply.version, reply.timeline)
+            self.on_rejoin(reply)
+
+    def _open(self, address: str) -> grpc.Channel:
+        backoff_ms = max(100, int(self.cfg.retry_max_delay_s * 1000))
+        return open_channel(address, options=[
+            ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+            # A fresh channel must not inherit a shared subchannel's grown reconnect backoff (gRPC's
+            # default grows to 120 s), or a coordinator that is back stays unreachable for a while.
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 200)),
+            ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 200)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms)],
+            ca=self.cfg.tls_ca, cert=self.cfg.tls_cert, key=self.cfg.tls_key)
+
+    def _next_address(self) -> None:
+        """Try the next coordinator address (with one address: keep the channel, it reconnects)."""
+        if len(self.addresses) < 2:
+            return
+        with self._join_lock:
+            self._address_index = (self._address_index + 1) % len(self.addresses)
+            self._old_channels.append(self.channel)  # calls in flight on it finish or fail by themselves
+            self.channel = self._open(self.addresses[self._address_index])
+            self.stub = pb_grpc.CoordinatorStub(self.channel)
+            log.warning("island %s: trying coordinator %s", self.island_id, self.addresses[self._address_index])
+
+    # ---- background threads ---------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        lost = False
+        while not self._stop.is_set():
+            lease, stub = self.lease, self.stub
+            try:
+                stream = stub.Subscribe(pb.SubscribeRequest(lease=lease))
+                if lost:  # whatever happened while the stream was down: the receiver catches up
+                    self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
+                for event in stream:
+                    lost = False
+                    self.events.put(event)
+                    if event.kind == pb.Event.SHUTDOWN:
+                        return
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                lost = True
+                log.warning("subscription lost (%s); retrying", exc.code())
+                try:
+                    if _action(exc) == "register":
+                        self.rejoin(lease)
+                    elif exc.code() in RETRYABLE and stub is self.stub:
+                        self._next_address()
+                except grpc.RpcError as again:
+                    log.warning("re-registration failed (%s); retrying", again.code())
+                self._stop.wait(0.5)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            lease = self.lease
+            try:
+                reply = self.stub.Heartbeat(pb.HeartbeatRequest(lease=lease), timeout=self.ttl_s)
+            except grpc.RpcError as exc:
+                log.warning("heartbeat failed: %s", exc.code())
+                try:
+                    if _action(exc) == "register":
+                        self.rejoin(lease)
+                except grpc.RpcError as again:
+                    log.warning("re-registration failed (%s)", again.code())
+                continue
+            self.on_heartbeat(reply)
+
+
+def _action(exc: grpc.RpcError) -> str:
+    """What the coordinator asks the island to do about a refusal (trailing metadata), or ""."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # not a call error (e.g. a local failure): no advice
+        return ""
+    return next((value for key, value in metadata if key == ACTION_KEY), "")
