@@ -38,8 +38,9 @@ from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload, encode, split_chunks
 from protos.fragments import split_fragments
 from protos.transport import open_channel
+from tests.conftest import SMALL_MODEL
 
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_dim=128"]
+SMALL = SMALL_MODEL  # the model only: batch and warmup are the ci preset's
 ADMIN_CREDENTIAL = "admin-secret"
 TOKENS = {"island-0": "tok0", "island-1": "tok1", "island-2": "tok2"}
 RPC_TIMEOUT_S = 30.0

@@ -10,16 +10,15 @@ import torch
 from archipelago import config as cfglib
 from archipelago.checkpoint import CheckpointError
 from island.train import OptimConfig, Trainer, TrainJobConfig, lr_at
+from tests.conftest import SMALL
 
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
-         "train.steps=12", "optim.warmup_steps=3"]
+SMALL_JOB = [*SMALL, "train.steps=12"]
 
 
 @pytest.fixture
 def small_job(data_cache):
     def make(*extra: str) -> TrainJobConfig:
-        return cfglib.load(TrainJobConfig, "tiny", SMALL + [f"data.cache_dir={data_cache}", *extra])
+        return cfglib.load(TrainJobConfig, "tiny", SMALL_JOB + [f"data.cache_dir={data_cache}", *extra])
     return make
 
 

@@ -12,10 +12,7 @@ from island.model import ModelConfig, build_model
 from island.train import Trainer, TrainJobConfig
 from kernels.fp8 import FP8Linear, convert_to_fp8
 from kernels.fp8_cast import fp8_cast_reference
-
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
-         "optim.warmup_steps=3"]
+from tests.conftest import SMALL
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

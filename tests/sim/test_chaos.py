@@ -15,12 +15,11 @@ import pytest
 
 from sim import chaos
 from sim.run_faults import load_config
+from tests.conftest import SMALL
 
 WORDS = "the king queen lord of and to my a is that in thou thy with not be his for me this you".split()
 
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_dim=128",
-         "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "optim.warmup_steps=3",
-         "diloco.inner_steps=20", "diloco.rounds=8"]
+SMALL_RUN = [*SMALL, "diloco.inner_steps=20", "diloco.rounds=8"]
 
 
 @pytest.mark.chaos
@@ -28,7 +27,7 @@ SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_k
 def test_a_short_chaos_run_loses_nothing_and_recovers(data_cache, tmp_path):
     """Every fault of the schedule on a small model: what must hold whatever the timing. (The goodput
     and loss targets are for the ci preset's longer run; here start-up time dominates.)"""
-    cfg = load_config("ci", SMALL + [f"data.cache_dir={data_cache}"])
+    cfg = load_config("ci", SMALL_RUN + [f"data.cache_dir={data_cache}"])
     report = chaos.simulate_chaos(cfg, tmp_path / "chaos", "test")
     json.dumps(report, default=str)  # the report serializes
     assert report["failures_injected"] >= 4, report["faults"]

@@ -8,10 +8,9 @@ import pytest
 
 from archipelago.config import ConfigError
 from sim import cli
+from tests.conftest import SMALL
 
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
-         "optim.warmup_steps=2", "sim.islands=2", "diloco.inner_steps=2", "diloco.rounds=2"]
+SMALL_SIM = [*SMALL, "optim.warmup_steps=2", "sim.islands=2", "diloco.inner_steps=2", "diloco.rounds=2"]
 
 
 def sets(*overrides: str) -> list[str]:
@@ -21,7 +20,7 @@ def sets(*overrides: str) -> list[str]:
 def test_each_seed_runs_in_its_own_folder_and_the_report_gives_the_spread(tmp_path, data_cache):
     out = tmp_path / "sim"
     assert cli.main(["--preset", "ci", "--report", str(out), "--seeds", "7,8",
-                     *sets(*SMALL, f"data.cache_dir={data_cache}")]) == 0
+                     *sets(*SMALL_SIM, f"data.cache_dir={data_cache}")]) == 0
     runs = {seed: json.loads((out / f"seed-{seed}" / "report.json").read_text()) for seed in (7, 8)}
     assert {seed: r["seed"] for seed, r in runs.items()} == {7: 7, 8: 8}
     assert runs[7]["final_eval_loss"] != runs[8]["final_eval_loss"], "the seed must reach the run"

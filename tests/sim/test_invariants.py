@@ -19,10 +19,7 @@ from island.diloco import DiLoCoClient
 from island.job import write_initial_model
 from island.train import Trainer
 from sim.run import ProcessGroup, SimConfig, simulate
-
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
-         "optim.warmup_steps=3"]
+from tests.conftest import SMALL
 
 
 @pytest.fixture

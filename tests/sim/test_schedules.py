@@ -10,10 +10,9 @@ from archipelago import config as cfglib
 from archipelago.config import ConfigError
 from island.diloco import DiLoCoConfig
 from sim.run import SimConfig, simulate
+from tests.conftest import SMALL
 
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
-         "optim.warmup_steps=2", "sim.islands=2"]
+SMALL_SIM = [*SMALL, "optim.warmup_steps=2", "sim.islands=2"]
 
 
 def test_round_steps_are_checked_and_summed():
@@ -27,7 +26,7 @@ def test_round_steps_are_checked_and_summed():
 
 
 def test_a_warm_started_run_uses_its_round_steps_and_both_runs_start_from_the_checkpoint(tmp_path, data_cache):
-    cfg = cfglib.load(SimConfig, "ci", SMALL + [f"data.cache_dir={data_cache}", "diloco.rounds=2",
+    cfg = cfglib.load(SimConfig, "ci", SMALL_SIM + [f"data.cache_dir={data_cache}", "diloco.rounds=2",
                                                 "diloco.inner_steps=3", "diloco.round_steps=[2, 4]",
                                                 "sim.warmstart_steps=3"])
     report = simulate(cfg, tmp_path / "sim", "test")
