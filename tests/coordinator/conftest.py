@@ -1,10 +1,10 @@
-"""A real coordinator (`coordinator.server.serve`) on loopback, and a client harness around it.
+"""A real coordinator (`coordinator.serve.serve`) on loopback, and a client harness around it.
 
 The run's files (a tiny initial model, the islands file) are written once per session; every
 test that asks for `coordinator` gets a fresh server with its own state directory, running in a
 background thread on its own asyncio event loop, and shut down through Admin.Shutdown.
 
-The harness builds pushes the way `island/diloco.py` does (a PushHeader, then the body's chunks)
+The harness builds pushes the way the island does (protos/framing.py: a PushHeader, then the body's chunks)
 and lets a test tamper with any part of them. `status()` reads what a refused call must leave
 unchanged: the global version, the open rounds, per-island push counts, and the sha256 of θ_g,
 θ_b and the outer momentum as the server holds them now (via Admin.Checkpoint, which writes the
@@ -31,12 +31,14 @@ import zstandard
 
 from archipelago.checkpoint import read_manifest
 from coordinator.config import CoordinatorConfig
-from coordinator.server import grpc_options, load_init, serve
+from coordinator.serve import grpc_options, serve
+from coordinator.server import load_init
 from island.job import IslandJobConfig, load_job, write_initial_model
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
-from protos.codec import Payload, encode, split_chunks
+from protos.codec import Payload, encode
 from protos.fragments import split_fragments
+from protos.framing import split_chunks
 from protos.transport import open_channel
 from tests.conftest import SMALL_MODEL
 
@@ -213,7 +215,7 @@ class CoordinatorHarness:
                    tokens: int = 1024, *, payload: Payload | None = None, drop_chunks: Iterable[int] = (),
                    flip: tuple[int, int] | None = None, fix_crc: bool = False,
                    header: pb.PushHeader | None = None, **overrides: Any) -> list[pb.PushPart]:
-        """The messages of one push, as island/diloco.py sends them, optionally tampered with.
+        """The messages of one push, framed as an island frames them, optionally tampered with.
 
         ``payload`` replaces the encoded ``tensors``; ``overrides`` set PushHeader fields (for
         example ``num_chunks=...`` or ``codec_header=...``); ``header`` replaces the whole header;

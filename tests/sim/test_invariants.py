@@ -15,6 +15,7 @@ import torch
 
 from archipelago import config as cfglib
 from archipelago.procs import wait_for_file
+from island.connection import CoordinatorLink
 from island.diloco import DiLoCoClient
 from island.job import write_initial_model
 from island.train import Trainer
@@ -53,7 +54,7 @@ def run_lone_island(tmp_path, cfg: SimConfig, client_cls: type[DiLoCoClient], tr
         coord = group.start("coordinator", ["coordinator", "serve", "--preset", str(preset), "--init",
                                             str(state / "init"), "--state-dir", str(state), "--port", "0"])
         address = wait_for_file(state / "address", coord, 60)
-        client = client_cls(cfg.diloco, trainer, address, "island-0")
+        client = client_cls(cfg.diloco, trainer, CoordinatorLink(cfg.diloco, address, "island-0"))
         client.run()
         return client
     finally:
@@ -75,7 +76,7 @@ def test_one_island_h1_lossless_equals_plain_training(tmp_path, sim_config):
     island = Trainer(cfg, total_steps=steps)
     client = run_lone_island(tmp_path, cfg, CheckedClient, island)
     # run() ends with close(), which waits for the client's threads: none may outlive it.
-    assert [t.name for t in client._threads if t.is_alive()] == []
+    assert [t.name for t in client.link._threads if t.is_alive()] == []
 
     plain = Trainer(cfg, total_steps=steps)
     for _ in range(steps):

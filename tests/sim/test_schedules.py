@@ -8,7 +8,7 @@ import pytest
 
 from archipelago import config as cfglib
 from archipelago.config import ConfigError
-from island.diloco import DiLoCoConfig
+from island.diloco_config import DiLoCoConfig
 from sim.run import SimConfig, simulate
 from tests.conftest import SMALL
 
