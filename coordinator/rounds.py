@@ -299,8 +299,10 @@ class RoundEngine:
         return OuterStep(saved, norms_before, grad, stepped, step_norm, robust)
 
     def _close(self, fragment: int) -> list[RoundEvent]:
-        keys = list(self.pending[fragment])
-        contributions = list(self.pending[fragment].values())
+        # In key order, not arrival order: the weighted sum's float rounding depends on the order of
+        # its terms, and θ_g must not depend on which island's push happened to arrive first.
+        keys = sorted(self.pending[fragment])
+        contributions = [self.pending[fragment][k] for k in keys]
         round_ = self.rounds[fragment]
         step = self._outer_step(fragment, contributions)
         loss = round_loss([(c.loss_mean, c.eval_loss) for c in contributions])
