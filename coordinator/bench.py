@@ -8,8 +8,14 @@ produced. Nothing is trained: what is measured is the coordinator's side of a ro
 
     round latency     first push sent → every island has pulled the new version's delta
     commit latency    first push sent → the last push's reply (the round is committed by then)
+    ingest_wire_MBps  islands × push bytes on the wire / commit latency (first push byte → last ack)
+    merge_MBps        islands × params × 4 bytes / the time the coordinator's aggregation itself
+                      took (it records `merge_s` with each version; read back over Admin.Status)
     aggregation MB/s  islands × params × 4 bytes (the fp32 pseudo-gradients merged) / commit latency
     memcpy MB/s       `Tensor.copy_` of one fp32 tensor set of the same size, in this run, for scale
+    spill_MBps        fsynced write rate of a scratch file on the disk (`--disk-dir`), and
+                      state_dir_spill_MBps the same in the coordinator's state directory (`--workdir`:
+                      on tmpfs, the disk is not what the other figures measure)
 
 Rounds per second count the measured rounds (after ``--warmup``) over their total round latency.
 """
@@ -61,11 +67,14 @@ class BenchConfig:
     checkpoint_every: int = 0  # the coordinator's checkpoint_every (0: measure rounds, not the disk)
     seed: int = 0
     timeout_s: float = 600.0
+    spill_bytes: int = 64 << 20  # written (and fsynced) once to the disk and once to the state directory
+    disk_dir: str = "."  # where spill_MBps is measured: a folder on the disk a coordinator would use
 
     def __post_init__(self) -> None:
-        if self.islands < 1 or self.rounds < 1 or self.warmup < 0 or self.params < 1 or self.distinct_payloads < 1:
-            raise cfglib.ConfigError("--islands, --rounds, --params and --distinct-payloads must be >= 1 and "
-                                     "--warmup >= 0")
+        if (self.islands < 1 or self.rounds < 1 or self.warmup < 0 or self.params < 1 or self.distinct_payloads < 1
+                or self.spill_bytes < 1):
+            raise cfglib.ConfigError("--islands, --rounds, --params, --distinct-payloads and --spill-bytes must be "
+                                     ">= 1 and --warmup >= 0")
         if self.scheme not in SCHEMES:
             raise cfglib.ConfigError(f"--scheme {self.scheme!r} is not one of {sorted(SCHEMES)}")
 
@@ -86,6 +95,24 @@ def memcpy_mbps(tensors: dict[str, torch.Tensor], repeats: int = 5) -> float:
             targets[n].copy_(t)
         times.append(time.perf_counter() - start)
     return sum(t.numel() for t in tensors.values()) * 4 / 1e6 / statistics.median(times)
+
+
+def fsync_write_mbps(directory: Path, nbytes: int, block: int = 8 << 20) -> float:
+    """MB/s of writing `nbytes` to a new file in `directory` and fsyncing it, as a spill does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(min(block, nbytes))
+    path = directory / f".spill-bench-{os.getpid()}"
+    try:
+        start = time.perf_counter()
+        with open(path, "wb") as fh:
+            written = 0
+            while written < nbytes:
+                written += fh.write(data[:nbytes - written])
+            fh.flush()
+            os.fsync(fh.fileno())
+        return nbytes / 1e6 / (time.perf_counter() - start)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,6 +144,13 @@ class CoordinatorProcess:
 
     def wait_address(self, timeout_s: float) -> str:
         return wait_for_file(self.address_file, self.proc, timeout_s, name="the coordinator", tail=self.tail)
+
+    def merge_seconds(self, address: str) -> dict[int, float]:
+        """`merge_s` of every version the coordinator still lists in its history."""
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=self.credential), timeout=30)
+        history = json.loads(reply.json)["history"]
+        return {e["version"]: e["merge_s"] for e in history if e.get("kind") == "committed" and "merge_s" in e}
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -233,14 +267,24 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     try:
         address = coordinator.wait_address(START_TIMEOUT_S)
         driven = asyncio.run(drive(bench, cfg, address, tokens, config_hash, payloads))
+        merge_of = coordinator.merge_seconds(address)
     finally:
         coordinator.stop(address)
+    spill_state = fsync_write_mbps(workdir / "coordinator", bench.spill_bytes)
+    spill_disk = fsync_write_mbps(Path(bench.disk_dir), bench.spill_bytes)
 
     measured = [r for r in driven["rounds"] if not r["warmup"]]
     round_s = [r["round_s"] for r in measured]
     commit_s = [r["commit_s"] for r in measured]
     fp32_mb = bench.params * 4 / 1e6
     aggregation = bench.islands * fp32_mb / statistics.median(commit_s)
+    first_measured = driven["final_version"] - len(measured) + 1
+    merge_s = [s for v, s in sorted(merge_of.items()) if v >= first_measured]
+    if len(merge_s) != len(measured):
+        raise RuntimeError(f"the coordinator's history has merge times for {len(merge_s)} of the {len(measured)} "
+                           "measured versions")
+    merge = bench.islands * fp32_mb / statistics.median(merge_s)
+    ingest = bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(commit_s)
     return {
         "islands": bench.islands, "params": bench.params, "scheme": bench.scheme, "measured_rounds": len(measured),
         "push_bytes": payload_nbytes(payloads[0]), "fp32_bytes": bench.params * 4,
@@ -249,9 +293,15 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
         "round_latency_s": {"p50": percentile(round_s, 50), "p99": percentile(round_s, 99), "all": round_s},
         "commit_latency_s": {"p50": percentile(commit_s, 50), "p99": percentile(commit_s, 99), "all": commit_s},
         "aggregation_MBps": aggregation,
-        "push_wire_MBps": bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(commit_s),
+        "ingest_wire_MBps": ingest,
+        "merge_MBps": merge,
+        "merge_s": {"p50": percentile(merge_s, 50), "all": merge_s},
         "memcpy_MBps": memcpy,
         "aggregation_vs_memcpy": aggregation / memcpy,
+        "merge_vs_memcpy": merge / memcpy,
+        "spill_MBps": spill_disk,
+        "state_dir_spill_MBps": spill_state,
+        "disk_dir": str(Path(bench.disk_dir).resolve()),
         "final_version": driven["final_version"],
         "rounds": driven["rounds"],
         "threads": torch.get_num_threads(),
@@ -274,7 +324,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the coordinator's checkpoint_every (default 0: no checkpoints while measuring)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s, help="seconds per RPC")
-    p.add_argument("--workdir", help="keep the coordinator's state and log here (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep the coordinator's state and log here (default: a temporary folder); "
+                   "on tmpfs (/dev/shm/...) the disk is not what the ingest and merge figures measure")
+    p.add_argument("--disk-dir", default=d.disk_dir,
+                   help="a folder on the disk, where spill_MBps (fsynced writes) is measured (default: .)")
+    p.add_argument("--spill-bytes", type=int, default=d.spill_bytes, help="bytes written for each spill figure")
     p.add_argument("--json", dest="json_path", required=True, help="write the results here")
     return p
 
@@ -302,10 +356,14 @@ def main(argv: list[str]) -> int:
                                             f"{result['round_latency_s']['p99']:.3f}"),
             ("commit latency p50 / p99 (s)", f"{result['commit_latency_s']['p50']:.3f} / "
                                              f"{result['commit_latency_s']['p99']:.3f}"),
-            ("aggregation MB/s (fp32)", f"{result['aggregation_MBps']:.0f}"),
-            ("push wire MB/s", f"{result['push_wire_MBps']:.0f}"),
+            ("ingest_wire_MBps (first push byte → last ack)", f"{result['ingest_wire_MBps']:.0f}"),
+            ("merge_MBps (fp32, aggregation time only)", f"{result['merge_MBps']:.0f}"),
+            ("aggregation MB/s (fp32, over the commit latency)", f"{result['aggregation_MBps']:.0f}"),
             ("memcpy MB/s (same size)", f"{result['memcpy_MBps']:.0f}"),
-            ("aggregation / memcpy", f"{result['aggregation_vs_memcpy']:.4f}")]
+            ("merge / memcpy", f"{result['merge_vs_memcpy']:.4f}"),
+            ("aggregation / memcpy", f"{result['aggregation_vs_memcpy']:.4f}"),
+            ("spill_MBps (disk, fsynced)", f"{result['spill_MBps']:.0f}"),
+            ("state dir spill MB/s (fsynced)", f"{result['state_dir_spill_MBps']:.0f}")]
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -69,6 +69,7 @@ class OuterStep:
     stepped: dict[str, torch.Tensor]  # the fragment's θ_g after the step
     step_norm: float  # ‖θ_g after − θ_g before‖₂
     robust: dict[str, Any]  # what robust aggregation did (recorded with the version)
+    merge_s: float  # seconds the aggregation itself took (recorded with the version)
 
 
 @dataclass
@@ -293,10 +294,12 @@ class RoundEngine:
         """Aggregate and step θ_g in place (docs/design.md, step 7)."""
         saved = self.params.save_fragment(fragment)
         norms_before = self.aggregator.state()
+        start = time.perf_counter()
         grad, robust = self.aggregator(self.params, contributions, fragment)
+        merge_s = time.perf_counter() - start
         stepped = self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
         step_norm = l2_norm({n: stepped[n] - saved["theta_g"][n] for n in stepped})
-        return OuterStep(saved, norms_before, grad, stepped, step_norm, robust)
+        return OuterStep(saved, norms_before, grad, stepped, step_norm, robust, merge_s)
 
     def _close(self, fragment: int) -> list[RoundEvent]:
         # In key order, not arrival order: the weighted sum's float rounding depends on the order of
@@ -328,7 +331,7 @@ class RoundEngine:
                 "eval_loss": _mean([c.eval_loss for c in contributions]),
                 "staleness": [version - 1 - c.base_version for c in contributions],
                 "delta_sha256": payload.header["body_sha256"], "timeline": self.timeline,
-                "time": time.time(), **step.robust}
+                "merge_s": step.merge_s, "time": time.time(), **step.robust}
         delta_path = write_payload(self.delta_dir / f"v{version:012d}-t{self.timeline}.bin", payload)
         checkpoint = None
         if self.cfg.checkpoint_every and version % self.cfg.checkpoint_every == 0:

@@ -17,7 +17,8 @@ from sim.run import synced_numel
 def test_a_small_run_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_main(["coordinator", "--islands", "3", "--rounds", "2", "--warmup", "1", "--params", "20000",
-                       "--seed", "7", "--json", str(out), "--workdir", str(tmp_path / "work")]) == 0
+                       "--seed", "7", "--json", str(out), "--workdir", str(tmp_path / "work"),
+                       "--disk-dir", str(tmp_path / "disk"), "--spill-bytes", "100000"]) == 0
     report = json.loads(out.read_text())
     assert report["islands"] == 3 and report["params"] == 20000 and report["scheme"] == "int8-block"
     assert report["measured_rounds"] == 2 and len(report["rounds"]) == 3
@@ -27,6 +28,13 @@ def test_a_small_run_writes_every_field(tmp_path, capsys):
         assert 0 < report[latency]["p50"] <= report[latency]["p99"] <= max(report[latency]["all"])
     assert report["aggregation_MBps"] > 0 and report["memcpy_MBps"] > 0
     assert report["aggregation_vs_memcpy"] == pytest.approx(report["aggregation_MBps"] / report["memcpy_MBps"])
+    # the merge is part of the commit latency, so it runs at least as fast as the whole round's aggregation
+    assert len(report["merge_s"]["all"]) == 2 and report["merge_MBps"] >= report["aggregation_MBps"]
+    assert report["merge_vs_memcpy"] == pytest.approx(report["merge_MBps"] / report["memcpy_MBps"])
+    assert report["ingest_wire_MBps"] == pytest.approx(
+        3 * report["push_bytes"] / 1e6 / report["commit_latency_s"]["p50"])
+    assert report["spill_MBps"] > 0 and report["state_dir_spill_MBps"] > 0
+    assert report["disk_dir"] == str((tmp_path / "disk").resolve()) and not list((tmp_path / "disk").iterdir())
     assert 0 < report["push_bytes"] < report["fp32_bytes"] == 20000 * 4
     assert report["delta_bytes_pulled_per_round"] > 0
     assert report["seed"] == 7 and report["config"]["bench"]["islands"] == 3
