@@ -123,7 +123,7 @@ class Assembler:
             if header.num_chunks != expected:
                 raise FramingError("INVALID_ARGUMENT", f"{header.num_chunks} chunks do not fit a body of "
                                    f"{header.body_len} bytes in chunks of {chunk_bytes} bytes (expected {expected})")
-        self.chunks: list[Chunk] = []
+        self.chunks: list[bytes] = []
         self.body_bytes = 0
 
     def add(self, chunk: Any) -> None:
@@ -135,7 +135,11 @@ class Assembler:
                                f"{h.body_len} bytes)")
         if zlib.crc32(chunk.data) != chunk.crc32:
             raise FramingError("DATA_LOSS", f"chunk {chunk.index} fails its crc32 check")
-        self.chunks.append(Chunk(chunk.index, chunk.data, chunk.crc32))
+        pos = len(self.chunks)
+        if chunk.index != pos:
+            problem = "is a duplicate" if chunk.index < pos else f"skips chunk {pos} (missing or out of order)"
+            raise FramingError("DATA_LOSS", f"payload refused: chunk {chunk.index} at position {pos} {problem}")
+        self.chunks.append(chunk.data)
 
     def payload(self) -> Payload:
         """The reassembled payload, once every declared chunk is in."""
@@ -143,11 +147,14 @@ class Assembler:
         if len(self.chunks) != h.num_chunks:
             raise FramingError("DATA_LOSS", f"stream ended after {len(self.chunks)} of {h.num_chunks} chunks "
                                "(truncated push)")
-        try:
-            body = join_chunks(self.chunks, h.body_len, h.body_sha256)
-        except CodecError as exc:
-            raise FramingError("DATA_LOSS", f"payload refused: {exc}") from exc
+        if self.body_bytes != h.body_len:
+            raise FramingError("DATA_LOSS", f"payload refused: body truncated: {len(self.chunks)} chunks carry "
+                               f"{self.body_bytes} of body_len={h.body_len} bytes")
+        body = b"".join(self.chunks)  # every chunk's crc, index and length were checked as it came in
         self.chunks = []
+        if (digest := hashlib.sha256(body).hexdigest()) != h.body_sha256:
+            raise FramingError("DATA_LOSS", f"payload refused: reassembled body sha256 {digest} does not match "
+                               f"the header's {h.body_sha256}")
         try:
             payload = Payload.from_header_bytes(h.codec_header, body)
         except CodecError as exc:

@@ -174,3 +174,18 @@ def test_operator_rollback_restores_version_and_parameters_bit_for_bit(coordinat
     assert coordinator_cli(["rollback", "--address", c.address, "--credential", ADMIN_CREDENTIAL,
                             "--to", "7"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().out
+
+
+def test_first_non_finite_finds_every_kind_and_spares_large_finite_values():
+    from coordinator.guard import first_non_finite
+
+    base = torch.ones(1000)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = base.clone()
+        t[617] = bad
+        assert first_non_finite({"a": base, "b": t}) == "b"
+    both = base.clone()
+    both[1], both[2] = float("inf"), -float("inf")
+    assert first_non_finite({"x": both}) == "x"
+    huge = torch.full((1000,), 3.0e38)  # float32 near its max: the float64 sum stays finite
+    assert first_non_finite({"h": huge, "d": torch.full((4,), 1.0e308, dtype=torch.float64)}) is None
