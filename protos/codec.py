@@ -10,6 +10,9 @@ Wire layout of one payload::
                              "nbytes"}]}],      scheme's layout order, with no gaps
      "raw_len", "body_len", "body_sha256"}
 
+The frame is zstd-compressed where that pays for its time (`zstd_enabled`), else made of zstd's
+stored blocks (`_stored_frame`): a zstd frame either way, which any receiver reads.
+
 On the wire the body travels in bounded chunks, each with a crc32 (protos/framing.py); the
 sha256 in the header vouches for the whole body.
 
@@ -17,16 +20,27 @@ Both header and body come from the network, so `decode` validates the header *co
 (types, sizes against ``MAX_RAW_BYTES``/``MAX_DECODED_BYTES``, part layout against the scheme)
 before it allocates anything, verifies the body's length and sha256 before decompressing it,
 and decompresses in bounded steps so a lying zstd frame cannot make it allocate more than the
-header declared.  Past that boundary the code trusts what it has checked.
+header declared (a frame of stored blocks exactly as this module writes them is read where it
+lies).  Past that boundary the code trusts what it has checked.
+
+Block schemes encode (with or without error feedback) and decode every tensor of a payload in
+one fused kernel call over one flat buffer (`protos.quant`), bit for bit what quantizing and
+dequantizing tensor by tensor gives (tests/protos/reference_codec.py keeps that reference).
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import io
 import math
+import os
 import re
+import struct
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +49,17 @@ import numpy as np
 import torch
 import zstandard
 
-from protos.quant import CodecError, Parts, Scheme, get_scheme
+from protos import quant as _quant
+from protos.quant import (
+    BlockBatch,
+    CodecError,
+    Parts,
+    PartSpec,
+    Scheme,
+    _BlockScheme,
+    compile_mode,
+    get_scheme,
+)
 
 FORMAT = 1
 MAX_RAW_BYTES = 8 << 30  # decompressed body; a fragment of a large model fits comfortably
@@ -45,7 +69,13 @@ MAX_NDIM = 32
 DEFAULT_CHUNK_SIZE = 1 << 20
 _NO_CAP = 1 << 62
 _READ_STEP = 1 << 20  # zstd output read per step: bounds the decompressor's scratch buffers
+ZSTD_ENV = "ARCHIPELAGO_CODEC_ZSTD"  # per-scheme override of `Scheme.zstd`: "int8-block=1,int2-block=0"
+_ZSTD_MAGIC = 0xFD2FB528
+_ZSTD_BLOCK_MAX = 128 << 10  # largest zstd block
+_STORED_MAGIC = struct.pack("<IB", _ZSTD_MAGIC, 0xE0)  # a frame `_stored_frame` writes begins so
 _WIRE_DTYPES = {"float32": "<f4", "int8": "i1", "uint8": "u1", "uint16": "<u2", "uint32": "<u4"}
+_ITEMSIZE = {name: np.dtype(wire).itemsize for name, wire in _WIRE_DTYPES.items()}
+_WIRE_OF = {np.dtype(name): (name, np.dtype(wire)) for name, wire in _WIRE_DTYPES.items()}  # dtype → (name, wire)
 _TENSOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEADER_KEYS = {"format", "scheme", "tensors", "raw_len", "body_len", "body_sha256"}
@@ -93,6 +123,7 @@ class _Entry:
     parts: tuple[tuple[str, str, int, int], ...]  # (key, part dtype, offset, nbytes)
 
 
+@functools.cache
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -108,14 +139,25 @@ def _size(v: object, what: str) -> int:
 
 
 def _keys(d: object, keys: set[str], what: str) -> dict[str, Any]:
-    if not isinstance(d, dict) or set(d) != keys:
+    if not isinstance(d, dict) or d.keys() != keys:
         got = sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__
         raise CodecError(f"header: {what} must be a map with keys {sorted(keys)}, got {got}")
     return d
 
 
 def _is_shape(v: object) -> bool:
-    return isinstance(v, list) and len(v) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in v)
+    if not isinstance(v, list) or len(v) > MAX_NDIM:
+        return False
+    for d in v:
+        if not (type(d) is int or _is_int(d)) or d < 0:  # an int, not a bool
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _layout(scheme: Scheme, numel: int) -> tuple[tuple[str, PartSpec], ...]:
+    """`Scheme.layout`, immutable and remembered: a header repeats the same few sizes."""
+    return tuple(scheme.layout(numel).items())
 
 
 def _zstd_bound(n: int) -> int:
@@ -179,27 +221,32 @@ def _check_header(
                 f"header: tensor {name!r} shape {shape} brings the decoded size to {decoded} bytes, "
                 f"over the cap of {max_decoded_bytes}"
             )
-        layout = scheme.layout(numel)
+        layout = _layout(scheme, numel)
         parts = t["parts"]
         if not isinstance(parts, list) or len(parts) != len(layout):
-            raise CodecError(f"header: tensor {name!r} must have parts {list(layout)} ({scheme.name})")
+            keys = [key for key, _ in layout]
+            raise CodecError(f"header: tensor {name!r} must have parts {keys} ({scheme.name})")
         checked = []
-        for (key, spec), p in zip(layout.items(), parts, strict=True):
-            p = _keys(p, _PART_KEYS, f"tensor {name!r} part")
-            where = f"tensor {name!r} part {p['key']!r}"
+        for (key, spec), p in zip(layout, parts, strict=True):
+            if not isinstance(p, dict) or p.keys() != _PART_KEYS:
+                _keys(p, _PART_KEYS, f"tensor {name!r} part")  # raises, naming the keys
             if p["key"] != key or p["dtype"] not in spec.dtypes:
+                where = f"tensor {name!r} part {p['key']!r}"
                 raise CodecError(f"header: {where} ({p['dtype']!r}): expected part {key!r} of {spec.dtypes}")
-            nbytes = spec.count * np.dtype(_WIRE_DTYPES[p["dtype"]]).itemsize
-            if _size(p["nbytes"], f"{where} nbytes") != nbytes:
-                raise CodecError(
-                    f"header: {where} declares {p['nbytes']} bytes, {numel} elements need {nbytes}"
-                )
-            start = _size(p["offset"], f"{where} offset")
-            if start != offset:
+            nbytes = spec.count * _ITEMSIZE[p["dtype"]]
+            start = p["offset"]
+            if not (_is_int(p["nbytes"]) and p["nbytes"] == nbytes and _is_int(start) and start == offset):
+                where = f"tensor {name!r} part {p['key']!r}"
+                if _size(p["nbytes"], f"{where} nbytes") != nbytes:
+                    raise CodecError(
+                        f"header: {where} declares {p['nbytes']} bytes, {numel} elements need {nbytes}"
+                    )
+                start = _size(start, f"{where} offset")
                 problem = "overlaps the previous part" if start < offset else "leaves a gap"
                 raise CodecError(f"header: {where} at offset {start} {problem} (expected offset {offset})")
             offset += nbytes
             if offset > raw_len:
+                where = f"tensor {name!r} part {p['key']!r}"
                 raise CodecError(f"header: {where} ends at byte {offset}, past raw_len={raw_len}")
             checked.append((key, p["dtype"], start, nbytes))
         entries.append(_Entry(name, tuple(shape), t["dtype"], numel, tuple(checked)))
@@ -223,8 +270,22 @@ def _check_expected(entries: list[_Entry], expected: Sequence[TensorSpec]) -> No
             raise CodecError(f"tensor {name!r}: expected dtype {spec.dtype}, payload has {e.dtype}")
 
 
-def _decompress(body: bytes, raw_len: int) -> bytearray:
-    """zstd ``body`` → exactly ``raw_len`` bytes, never buffering more than raw_len + one step."""
+def _decompress(body: bytes, raw_len: int) -> bytes | bytearray:
+    """zstd ``body`` → exactly ``raw_len`` bytes, never buffering more than raw_len + one step.
+
+    A frame that declares ``raw_len`` as its content size is decompressed in one call into a
+    buffer of exactly that size (zstd itself fails if the content does not match what the
+    frame declares); any other frame is read in bounded steps, and a lie is caught within one.
+    """
+    try:
+        declared = zstandard.frame_content_size(body)
+    except zstandard.ZstdError:
+        declared = -1  # not a frame: the stepwise reader below says so
+    if declared == raw_len:
+        try:
+            return zstandard.ZstdDecompressor().decompress(body)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"body is not a valid zstd frame: {e}") from None
     out = bytearray(raw_len)
     pos = 0
     try:
@@ -241,23 +302,109 @@ def _decompress(body: bytes, raw_len: int) -> bytearray:
     return out
 
 
-def _reconstruct(scheme: Scheme, entries: list[_Entry], raw: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor from the raw (decompressed) body: fp32, original shapes."""
-    out: dict[str, torch.Tensor] = {}
+def _stored_blocks(body: bytes, raw_len: int) -> list[tuple[int, int, int]] | None:
+    """The (raw offset, body offset, size) of each block if ``body`` is a frame of stored blocks
+    exactly as `_stored_frame` writes them (content size ``raw_len``, nothing after it), else
+    None: such a body can be read where it lies, without decompressing it into a copy."""
+    if len(body) < 16 or body[:5] != _STORED_MAGIC or int.from_bytes(body[5:13], "little") != raw_len:
+        return None
+    blocks, pos, done = [], 13, 0
+    while pos + 3 <= len(body):
+        head = int.from_bytes(body[pos : pos + 3], "little")
+        size = head >> 3
+        if head & 6 or size > _ZSTD_BLOCK_MAX or pos + 3 + size > len(body):  # not a raw block
+            return None
+        blocks.append((done, pos + 3, size))
+        pos, done = pos + 3 + size, done + size
+        if head & 1:  # the last block
+            return blocks if pos == len(body) and done == raw_len else None
+    return None
+
+
+def _reader(raw: bytes | bytearray | None, body: bytes, blocks: list[tuple[int, int, int]] | None):
+    """``copy(dest, offset)``: fill ``dest`` with raw bytes from ``offset``, from ``raw`` or,
+    for a stored frame, from the blocks of ``body`` that hold them."""
+    if blocks is None:
+        whole = np.frombuffer(raw, np.uint8)
+
+        def copy(dest: np.ndarray, offset: int) -> None:
+            dest[:] = whole[offset : offset + dest.size]
+
+        return copy
+    data = np.frombuffer(body, np.uint8)
+    starts = [b[0] for b in blocks]
+
+    def copy_blocks(dest: np.ndarray, offset: int) -> None:
+        i, done = bisect.bisect_right(starts, offset) - 1, 0
+        while done < dest.size:
+            raw_at, body_at, size = blocks[i]
+            skip = offset + done - raw_at
+            take = min(size - skip, dest.size - done)
+            dest[done : done + take] = data[body_at + skip : body_at + skip + take]
+            done, i = done + take, i + 1
+
+    return copy_blocks
+
+
+def _reconstruct(scheme: Scheme, entries: list[_Entry], raw: bytes | bytearray | None, body: bytes = b"",
+                 blocks: list[tuple[int, int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor from the raw (decompressed) body: fp32, original shapes.
+
+    Block schemes decode all tensors in one kernel call into one flat buffer, of which the
+    returned tensors are views, reading the codes and scales from ``raw`` or, for a body of
+    stored ``blocks``, from ``body`` itself; the other schemes get read-only views of ``raw``.
+    """
+    if isinstance(scheme, _BlockScheme):
+        spans = [(e.numel, e.parts[0][2], e.parts[1][2]) for e in entries]  # layout: scales, values
+        values = scheme.dequantize_raw(_reader(raw, body, blocks), spans)
+        return {e.name: v.view(e.shape) for e, v in zip(entries, values, strict=True)}
+    assert raw is not None
+    items: list[tuple[Parts, int]] = []
     for e in entries:
         parts: Parts = {}
         for key, dtype, offset, nbytes in e.parts:
             wire = np.dtype(_WIRE_DTYPES[dtype])
-            parts[key] = np.frombuffer(raw, wire, nbytes // wire.itemsize, offset).astype(dtype)
-        out[e.name] = scheme.dequantize(parts, e.numel).view(e.shape)
-    return out
+            part = np.frombuffer(raw, wire, nbytes // wire.itemsize, offset)
+            parts[key] = part if part.dtype == np.dtype(dtype) else part.astype(dtype)
+        items.append((parts, e.numel))
+    values = [scheme.dequantize(parts, numel) for parts, numel in items]
+    return {e.name: v.view(e.shape) for e, v in zip(entries, values, strict=True)}
 
 
-def _quantize(
-    tensors: Mapping[str, torch.Tensor], scheme: Scheme, dtypes: Mapping[str, str], zstd_level: int
-) -> tuple[Payload, bytes]:
-    """Quantize, lay out and compress; returns the payload and its raw (uncompressed) body."""
-    metas, blobs, offset = [], [], 0
+def zstd_enabled(scheme: Scheme) -> bool:
+    """Whether ``scheme``'s bodies are zstd-compressed by default: `ZSTD_ENV` if it names the
+    scheme, else the scheme's own `Scheme.zstd`."""
+    for item in filter(None, os.environ.get(ZSTD_ENV, "").split(",")):
+        name, _, value = item.strip().partition("=")
+        if name == scheme.name:
+            if value not in ("0", "1"):
+                raise CodecError(f"{ZSTD_ENV}: expected {name}=0 or {name}=1, got {item!r}")
+            return value == "1"
+    return scheme.zstd
+
+
+def _stored_frame(pieces: Sequence[bytes | memoryview | np.ndarray]) -> bytes:
+    """The concatenation of ``pieces`` as a zstd frame of raw (uncompressed) blocks (RFC 8878
+    §3.1.1), assembled in one copy: any zstd decoder reads it back, at memcpy speed, so a body
+    that zstd would not shrink skips zstd's time."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    n = sum(v.nbytes for v in views)
+    out: list[bytes | memoryview] = [struct.pack("<IBQ", _ZSTD_MAGIC, 0xE0, n)]  # single segment, 8-byte size
+    done, room = 0, 0  # bytes framed so far; bytes left in the open block
+    for v in views:
+        while v.nbytes:
+            if room == 0:
+                room = min(_ZSTD_BLOCK_MAX, n - done)
+                out.append((room << 3 | (done + room == n)).to_bytes(3, "little"))  # block type 0: raw
+            take = min(room, v.nbytes)
+            out.append(v[:take])
+            v, room, done = v[take:], room - take, done + take
+    if n == 0:
+        out.append((0 << 3 | 1).to_bytes(3, "little"))  # one empty, last block
+    return b"".join(out)
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if not isinstance(name, str) or not name:
             raise CodecError(f"tensor names must be non-empty strings, got {name!r}")
@@ -265,34 +412,85 @@ def _quantize(
             raise CodecError(
                 f"tensor {name!r} must be a torch tensor of {_TENSOR_DTYPES}, got {getattr(t, 'dtype', t)!r}"
             )
-        x = t.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()  # [numel]
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).sum())
-            raise CodecError(f"tensor {name!r} has {bad} non-finite values; refusing to send them")
+
+
+def _nonfinite(name: str, bad: int) -> CodecError:
+    return CodecError(f"tensor {name!r} has {bad} non-finite values; refusing to send them")
+
+
+def _quantize(
+    tensors: Mapping[str, torch.Tensor],
+    scheme: Scheme,
+    dtypes: Mapping[str, str],
+    zstd_level: int,
+    zstd: bool | None = None,
+    *,
+    residuals: Sequence[torch.Tensor | None] | None = None,
+    feedback: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[Payload, bytes | None, BlockBatch | None]:
+    """Quantize ``tensors`` (plus ``residuals``, block schemes only), lay out and compress.
+
+    Returns the payload, its raw (uncompressed) body (None for a stored body of a block scheme:
+    not needed, not built) and, for block schemes, the batch the one kernel call produced (with
+    ``feedback``, in the buffer ``out`` if given, the residual too).
+    """
+    _check_tensors(tensors)
+    names = list(tensors)
+    batch = None
+    if isinstance(scheme, _BlockScheme):
+        batch = scheme.quantize_many(list(tensors.values()), residuals, feedback=feedback, out=out)
+        if (bad := batch.first_nonfinite()) is not None:
+            raise _nonfinite(names[bad[0]], bad[1])
+        batch.inputs = []  # only the error needed them
+        all_parts = batch.all_parts()
+    else:
+        assert residuals is None, "residuals are added by the block schemes' kernels only"
+        all_parts = []
+        for name, t in tensors.items():
+            x = t.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()  # [numel]
+            if not torch.isfinite(x).all():
+                raise _nonfinite(name, int((~torch.isfinite(x)).sum()))
+            all_parts.append(scheme.quantize(x))
+    metas, blobs, offset = [], [], 0
+    for (name, t), parts in zip(tensors.items(), all_parts, strict=True):
         parts_meta = []
-        for key, arr in scheme.quantize(x).items():
-            blob = arr.astype(_WIRE_DTYPES[arr.dtype.name]).tobytes()
-            parts_meta.append({"key": key, "dtype": arr.dtype.name, "offset": offset, "nbytes": len(blob)})
+        for key, arr in parts.items():
+            dtype_name, wire = _WIRE_OF[arr.dtype]
+            blob = np.ascontiguousarray(arr if arr.dtype == wire else arr.astype(wire))
+            parts_meta.append({"key": key, "dtype": dtype_name, "offset": offset, "nbytes": blob.nbytes})
             blobs.append(blob)
-            offset += len(blob)
+            offset += blob.nbytes
         metas.append({"name": name, "shape": list(t.shape), "dtype": dtypes[name], "parts": parts_meta})
-    raw = b"".join(blobs)
-    body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(raw)
+    raw: bytes | None = None  # built only where needed: zstd, or a reconstruction from it
+    if zstd_enabled(scheme) if zstd is None else zstd:
+        raw = b"".join(blobs)
+        body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(raw)
+    else:
+        body = _stored_frame(blobs)
+        if batch is None:
+            raw = b"".join(blobs)
     header = {
         "format": FORMAT,
         "scheme": scheme.name,
         "tensors": metas,
-        "raw_len": len(raw),
+        "raw_len": offset,
         "body_len": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
-    return Payload(header, body), raw
+    return Payload(header, body), raw, batch
 
 
-def encode(tensors: Mapping[str, torch.Tensor], scheme: str, *, zstd_level: int = 3) -> Payload:
-    """Quantize finite floating tensors with ``scheme``; deterministic in (tensors, order, level)."""
+def encode(
+    tensors: Mapping[str, torch.Tensor], scheme: str, *, zstd_level: int = 3, zstd: bool | None = None
+) -> Payload:
+    """Quantize finite floating tensors with ``scheme``; deterministic in (tensors, order, level).
+
+    ``zstd``: compress the body (True) or send it as stored zstd blocks (False); by default
+    what `zstd_enabled` says for the scheme.
+    """
     dtypes = {n: _dtype_name(t.dtype) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    return _quantize(tensors, get_scheme(scheme), dtypes, zstd_level)[0]
+    return _quantize(tensors, get_scheme(scheme), dtypes, zstd_level, zstd)[0]
 
 
 def decode(
@@ -305,7 +503,11 @@ def decode(
     """Validate and decode an untrusted payload into fp32 tensors of their original shapes.
 
     Order of checks, cheapest and allocation-free first: header structure and caps, the
-    ``expected`` specs, body length and sha256, then bounded decompression.
+    ``expected`` specs, body length and sha256, then bounded decompression.  A large body is
+    hashed on a second thread (hashlib releases the GIL) while it is decompressed and decoded;
+    nothing is returned, and no error past the body length raised, before the digest matched.
+    (The sha256 guards against corruption, not against a sender, who can hash a lie; what is
+    decompressed is bounded by the checked header either way.)
     """
     scheme, entries = _check_header(payload.header, max_raw_bytes, max_decoded_bytes)
     if expected is not None:
@@ -313,9 +515,64 @@ def decode(
     h = payload.header
     if len(payload.body) != h["body_len"]:
         raise CodecError(f"body is {len(payload.body)} bytes, header says body_len={h['body_len']}")
-    if (digest := hashlib.sha256(payload.body).hexdigest()) != h["body_sha256"]:
-        raise CodecError(f"body sha256 mismatch: header says {h['body_sha256']}, body has {digest}")
-    return _reconstruct(scheme, entries, _decompress(payload.body, h["raw_len"]))
+    digest = _Digest(payload.body)
+    try:
+        blocks = _stored_blocks(payload.body, h["raw_len"]) if isinstance(scheme, _BlockScheme) else None
+        raw = _decompress(payload.body, h["raw_len"]) if blocks is None else None
+        out: dict[str, torch.Tensor] | CodecError = _reconstruct(scheme, entries, raw, payload.body, blocks)
+    except CodecError as e:
+        out = e
+    if (got := digest.hexdigest()) != h["body_sha256"]:
+        raise CodecError(f"body sha256 mismatch: header says {h['body_sha256']}, body has {got}")
+    if isinstance(out, CodecError):
+        raise out
+    return out
+
+
+class _Digest:
+    """sha256 of a body, on the codec's hashing thread when the body is large enough to be worth
+    it, so that the caller goes on meanwhile; `hexdigest` waits for it.
+
+    The caller waits until the hashing thread holds the GIL and is about to hash (one update
+    over the whole body, during which hashlib releases the GIL): otherwise a caller busy in
+    Python would keep the GIL for up to a switch interval (5 ms) before the thread even starts.
+    """
+
+    THREAD_MIN_BYTES = 1 << 20
+
+    def __init__(self, body: bytes) -> None:
+        self._hex: str | None = None
+        self._future: Future[str] | None = None
+        if len(body) < self.THREAD_MIN_BYTES:
+            self._hex = hashlib.sha256(body).hexdigest()
+        else:
+            started = threading.Event()
+            self._future = _hasher().submit(self._run, body, started)
+            started.wait()
+
+    @staticmethod
+    def _run(body: bytes, started: threading.Event) -> str:
+        h = hashlib.sha256()
+        started.set()
+        h.update(body)
+        return h.hexdigest()
+
+    def hexdigest(self) -> str:
+        if self._future is not None:
+            self._hex, self._future = self._future.result(), None
+        assert self._hex is not None
+        return self._hex
+
+
+_HASHER: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One long-lived hashing thread per process (a submit does not wait for a thread to start)."""
+    global _HASHER
+    if _HASHER is None or _HASHER[0] != os.getpid():  # a forked child inherits no threads
+        _HASHER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec-sha256"))
+    return _HASHER[1]
 
 
 def payload_nbytes(payload: Payload) -> int:
@@ -331,17 +588,29 @@ class ErrorFeedback:
     ``Σ_t ŷ_t = T·Δ − e_T``: the sum of what was received tracks the sum of what was meant,
     off by one round's quantization error however many rounds pass.  Residuals of tensors
     missing from a round (streaming fragments) are kept untouched.
+
+    Block schemes keep the residuals of a round's tensors as views of one flat buffer and,
+    while the rounds keep the same tensors, alternate between two such buffers: the kernel
+    writes the new residuals into the one the round before last used, never into the live one,
+    so a refused round (a NaN) leaves the state as it was.
     """
 
     def __init__(self) -> None:
         self._residuals: dict[str, torch.Tensor] = {}  # name → fp32, the delta's shape
+        self._flat: _FlatResiduals | None = None
 
     def encode(
-        self, deltas: Mapping[str, torch.Tensor], scheme: str, *, zstd_level: int = 3
-    ) -> tuple[Payload, dict[str, torch.Tensor]]:
-        """Payload of ``Q(Δ + e)`` and the fp32 CPU tensors ``ŷ`` the receiver will decode."""
+        self, deltas: Mapping[str, torch.Tensor], scheme: str, *, zstd_level: int = 3, zstd: bool | None = None
+    ) -> tuple[Payload, Mapping[str, torch.Tensor]]:
+        """Payload of ``Q(Δ + e)`` and the fp32 CPU tensors ``ŷ`` the receiver will decode.
+
+        Block schemes do it in one fused kernel call for all tensors (``y = Δ + e`` written
+        once; codes, scales and ``y − ŷ`` in one pass), and decode ``ŷ`` from the codes only
+        when the returned mapping is first read.  Bit for bit the same as quantizing, decoding
+        and subtracting tensor by tensor (tests/protos hold it to that reference).
+        """
         q = get_scheme(scheme)
-        ys: dict[str, torch.Tensor] = {}
+        residuals: list[torch.Tensor | None] = []
         dtypes: dict[str, str] = {}
         for name, d in deltas.items():
             if not isinstance(d, torch.Tensor) or not d.is_floating_point():
@@ -350,15 +619,49 @@ class ErrorFeedback:
             if e is not None and e.shape != d.shape:
                 shapes = f"shape {tuple(d.shape)} but its residual has {tuple(e.shape)}"
                 raise CodecError(f"delta {name!r} has {shapes}; reset() first")
+            residuals.append(e)
+            dtypes[name] = _dtype_name(d.dtype)
+        if isinstance(q, _BlockScheme):
+            return self._encode_block(deltas, q, residuals, dtypes, zstd_level, zstd)
+        ys: dict[str, torch.Tensor] = {}
+        for (name, d), e in zip(deltas.items(), residuals, strict=True):
             y = d.detach().to(torch.float32)
             ys[name] = y + e.to(y.device) if e is not None else y
-            dtypes[name] = _dtype_name(d.dtype)
-        payload, raw = _quantize(ys, q, dtypes, zstd_level)
+        payload, raw, _ = _quantize(ys, q, dtypes, zstd_level, zstd)
+        assert raw is not None
         entries = _check_header(payload.header, len(raw), _NO_CAP)[1]  # our own header: no caps
         y_hat = _reconstruct(q, entries, raw)
         for name, y in ys.items():  # commit only once every tensor encoded
             self._residuals[name] = y - y_hat[name].to(y.device)
         return payload, y_hat
+
+    def _encode_block(
+        self, deltas: Mapping[str, torch.Tensor], q: _BlockScheme, residuals: list[torch.Tensor | None],
+        dtypes: dict[str, str], zstd_level: int, zstd: bool | None,
+    ) -> tuple[Payload, Mapping[str, torch.Tensor]]:
+        if threading.current_thread() is threading.main_thread() and compile_mode() == "auto" and (
+                sum(d.numel() for d in deltas.values()) >= _quant.COMPILE_MIN_NUMEL):
+            q.compile_kernels()  # a training island's push: the place to spend the compile (see COMPILE_ENV)
+        key = (q.name, q.block, tuple((n, tuple(d.shape), d.device.type) for n, d in deltas.items()))
+        flat = self._flat
+        spare = flat.spare if flat is not None and flat.key == key and all(
+            self._residuals.get(n) is v for n, v in flat.views.items()) else None
+        # Deltas of a dtype the wire does not name go in as fp32, as y = Δ.float() + e would.
+        xs = {n: d if _dtype_name(d.dtype) in _TENSOR_DTYPES else d.detach().float() for n, d in deltas.items()}
+        try:
+            payload, _, batch = _quantize(xs, q, dtypes, zstd_level, zstd, residuals=residuals, feedback=True,
+                                          out=spare)
+        except BaseException:  # a refused round may have left anything in the spare, padding included
+            if flat is not None:
+                flat.spare = None
+            raise
+        assert batch is not None and batch.residual is not None
+        views = dict(zip(deltas, batch.views(batch.residual, [d.shape for d in deltas.values()]), strict=True))
+        for name, d in deltas.items():  # commit only once every tensor encoded
+            self._residuals[name] = views[name] if d.device.type == "cpu" else views[name].to(d.device)
+        live = flat.buffer if flat is not None and flat.key == key else None
+        self._flat = _FlatResiduals(key, batch.residual, views, live)
+        return payload, _Decoded(batch, {n: tuple(d.shape) for n, d in deltas.items()})
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"residuals": {n: e.clone() for n, e in self._residuals.items()}}
@@ -371,7 +674,42 @@ class ErrorFeedback:
         ):
             raise CodecError("error-feedback state must be {'residuals': {name: floating tensor}}")
         self._residuals = {n: e.detach().to(torch.float32).clone() for n, e in residuals.items()}
+        self._flat = None
 
     def reset(self) -> None:
         """Drop every residual (after a model reset or a change of tensor shapes)."""
         self._residuals.clear()
+        self._flat = None
+
+
+@dataclass
+class _FlatResiduals:
+    """The flat buffer behind a block scheme's residual views, and the one before it."""
+
+    key: tuple[Any, ...]  # scheme, block and the tensors (name, shape, device), in order
+    buffer: torch.Tensor
+    views: dict[str, torch.Tensor]
+    spare: torch.Tensor | None  # free to overwrite next round if the views are still the residuals
+
+
+class _Decoded(Mapping[str, torch.Tensor]):
+    """ŷ of one error-feedback round: decoded from the codes sent, in one kernel call, when first read."""
+
+    def __init__(self, batch: BlockBatch, shapes: dict[str, tuple[int, ...]]) -> None:
+        self._batch, self._shapes = batch, shapes
+        self._values: dict[str, torch.Tensor] | None = None
+
+    def _decoded(self) -> dict[str, torch.Tensor]:
+        if self._values is None:
+            flat = self._batch.y_hat
+            self._values = dict(zip(self._shapes, self._batch.views(flat, list(self._shapes.values())), strict=True))
+        return self._values
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._decoded()[name]
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archipelago.errors import UserError
-from protos.quant import SCHEMES, CodecError, Int8Block, Scheme, TopKInt8, get_scheme, pack_bits, unpack_bits
+from protos import quant
+from protos.quant import (
+    SCHEMES,
+    CodecError,
+    Int2Block,
+    Int4Block,
+    Int8Block,
+    Scheme,
+    TopKInt8,
+    get_scheme,
+    pack_bits,
+    unpack_bits,
+)
 
 SPECIAL_SHAPES = [(0,), (1,), (), (127,), (128,), (129,), (2, 200), (3000,), (0, 7)]
 MAGNITUDES = [1e-40, 1e-20, 1e-3, 1.0, 1e3, 1e20, 1e36]
@@ -191,3 +204,125 @@ def test_unknown_scheme_lists_known_names() -> None:
         "int2-block",
         "topk+int8",
     }
+
+
+# ---------------------------------------------------------------- kernels: compiled or eager
+
+
+def _big(scheme: Scheme) -> torch.Tensor:
+    return torch.randn(4 * scheme.block * 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def compile_small(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Every kernel call is large enough to compile; torch.compile is whatever the test makes it."""
+    monkeypatch.setattr(quant, "COMPILE_MIN_NUMEL", 0)
+    return monkeypatch
+
+
+def _counting_compile(calls: list[str]):
+    def fake_compile(fn, **kwargs):  # an "exact compiler": the eager function, counted
+        def compiled(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return compiled
+    return fake_compile
+
+
+def test_kernels_compile_together_once_check_and_then_run_compiled(compile_small: pytest.MonkeyPatch) -> None:
+    compile_small.setenv(quant.COMPILE_ENV, "1")
+    calls: list[str] = []
+    compile_small.setattr(torch, "compile", _counting_compile(calls))
+    scheme = Int4Block()
+    x = _big(scheme)
+    want = SCHEMES["int4-block"].quantize(x)
+    got = scheme.quantize(x)  # compiles all three kernels, the other two on inputs of their own
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert [k.state for k in scheme.kernels()] == ["ready"] * 3
+    assert all(k.compile_s is not None for k in scheme.kernels())
+    assert sorted(set(calls)) == ["_dequantize_kernel", "_feedback_kernel", "_quantize_kernel"]
+    before = len(calls)
+    again = scheme.quantize(x)
+    assert calls[before:] == ["_quantize_kernel"] and all(np.array_equal(again[k], want[k]) for k in want)
+
+
+def test_auto_compiles_only_for_error_feedback_on_the_main_thread(compile_small: pytest.MonkeyPatch) -> None:
+    """torch.compile restores process-wide state (the RNGs) when it is done: from a second thread
+    it would move the main thread's random draws; and a serving process should not stall on it."""
+    from protos.codec import ErrorFeedback, decode, encode
+
+    compile_small.setenv(quant.COMPILE_ENV, "auto")
+    calls: list[str] = []
+    compile_small.setattr(torch, "compile", _counting_compile(calls))
+    scheme = Int8Block()
+    compile_small.setitem(SCHEMES, "int8-block", scheme)
+    delta = {"d": _big(scheme)}
+    decode(encode(delta, "int8-block"))  # plain encode and decode: never compile
+    worker = threading.Thread(target=lambda: ErrorFeedback().encode(delta, "int8-block"))
+    worker.start()
+    worker.join()  # error feedback off the main thread: neither
+    assert [k.state for k in scheme.kernels()] == ["eager"] * 3 and not calls
+    ErrorFeedback().encode(delta, "int8-block")  # on the main thread (pytest's): compiles them all
+    assert [k.state for k in scheme.kernels()] == ["ready"] * 3
+
+
+def test_a_compile_leaves_the_rng_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What makes compiling from the main thread safe for training's random draws."""
+    monkeypatch.setenv(quant.COMPILE_ENV, "1")
+    monkeypatch.setattr(quant, "COMPILE_MIN_NUMEL", 0)
+    scheme = Int2Block()
+    torch.manual_seed(7)
+    want = torch.rand(5)
+    torch.manual_seed(7)
+    scheme.quantize(_big(scheme))  # a real torch.compile of the three kernels
+    assert torch.equal(torch.rand(5), want)
+
+
+@pytest.mark.parametrize("broken", ["raises", "differs"])
+def test_kernel_stays_eager_when_compiling_fails_or_differs(compile_small: pytest.MonkeyPatch, broken: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    compile_small.setenv(quant.COMPILE_ENV, "1")
+
+    def fake_compile(fn, **kwargs):
+        if broken == "raises":
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return lambda *args: tuple(t + 1 if t.is_floating_point() else t for t in fn(*args))
+
+    compile_small.setattr(torch, "compile", fake_compile)
+    scheme, x = Int8Block(), _big(Int8Block())
+    y = x.clone().view(-1, scheme.block)
+    codes, scales = scheme.kernel("feedback")(y)  # the in-place kernel: a failed check must not touch y
+    k = scheme.kernel("feedback")
+    assert k.state == "failed" and k.compiled is None
+    assert k.error == ("RuntimeError: no C++ compiler" if broken == "raises" else
+                       "RuntimeError: compiled result differs from eager")
+    assert "stays eager" in caplog.text
+    want_codes, want_scales = SCHEMES["int8-block"].kernel("feedback").fn(ref_y := x.clone().view(-1, scheme.block))
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales) and torch.equal(y, ref_y)
+
+
+def test_kernel_mode_0_never_compiles_and_bad_modes_are_refused(compile_small: pytest.MonkeyPatch) -> None:
+    compile_small.setenv(quant.COMPILE_ENV, "0")
+    compile_small.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled under mode 0"))
+    scheme = Int2Block()
+    scheme.quantize(_big(scheme))
+    assert scheme.kernel("quantize").state == "eager"
+    compile_small.setenv(quant.COMPILE_ENV, "sometimes")
+    with pytest.raises(UserError, match="ARCHIPELAGO_CODEC_COMPILE must be 0, 1 or auto"):
+        scheme.quantize(_big(scheme))
+    assert quant.COMPILE_ENV == "ARCHIPELAGO_CODEC_COMPILE"
+
+
+@pytest.mark.parametrize("block", [1, 3, 32, 100, 128])
+@pytest.mark.parametrize("name", ["int8-block", "int4-block", "int2-block", "fp8-block"])
+def test_any_block_size_matches_the_reference(name: str, block: int) -> None:
+    """Blocks that are not whole bytes of codes (int4 with odd blocks, int2 with blocks not a
+    multiple of 4) take the flat packing path; all of them agree with the reference twin."""
+    from tests.protos import reference_codec as ref
+
+    ours, theirs = type(SCHEMES[name])(block), type(ref.SCHEMES[name])(block)
+    for n in [0, 1, block, 3 * block + 1, 1000]:
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 10.0 ** (n % 7 - 3)
+        got, want = ours.quantize(x), theirs.quantize(x)
+        assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want), n
+        assert torch.equal(ours.dequantize(got, n).view(torch.int32), theirs.dequantize(want, n).view(torch.int32))
