@@ -44,7 +44,8 @@ from island.diloco_config import DiLoCoConfig, run_config_hash, synced_tensors
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from protos.broadcast import apply_delta, digest, merge_local
-from protos.codec import ErrorFeedback, Payload, TensorSpec, decode
+from protos.codec import Payload, TensorSpec, decode
+from protos.error_feedback import ErrorFeedback
 from protos.fragments import split_fragments
 
 log = logging.getLogger(__name__)

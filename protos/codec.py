@@ -10,8 +10,8 @@ Wire layout of one payload::
                              "nbytes"}]}],      scheme's layout order, with no gaps
      "raw_len", "body_len", "body_sha256"}
 
-The frame is zstd-compressed where that pays for its time (`zstd_enabled`), else made of zstd's
-stored blocks (`_stored_frame`): a zstd frame either way, which any receiver reads.
+The frame is zstd-compressed where that pays for its time, else made of zstd's stored blocks
+(`protos.zstd_frames`): a zstd frame either way, which any receiver reads.
 
 On the wire the body travels in bounded chunks, each with a crc32 (protos/framing.py); the
 sha256 in the header vouches for the whole body.
@@ -30,14 +30,11 @@ dequantizing tensor by tensor gives (tests/protos/reference_codec.py keeps that 
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
-import io
 import math
 import os
 import re
-import struct
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,7 +46,6 @@ import numpy as np
 import torch
 import zstandard
 
-from protos import quant as _quant
 from protos.quant import (
     BlockBatch,
     CodecError,
@@ -57,8 +53,15 @@ from protos.quant import (
     PartSpec,
     Scheme,
     _BlockScheme,
-    compile_mode,
     get_scheme,
+)
+from protos.zstd_frames import (
+    decompress,
+    reader,
+    stored_blocks,
+    stored_frame,
+    zstd_bound,
+    zstd_enabled,
 )
 
 FORMAT = 1
@@ -68,11 +71,6 @@ MAX_HEADER_BYTES = 64 << 20
 MAX_NDIM = 32
 DEFAULT_CHUNK_SIZE = 1 << 20
 _NO_CAP = 1 << 62
-_READ_STEP = 1 << 20  # zstd output read per step: bounds the decompressor's scratch buffers
-ZSTD_ENV = "ARCHIPELAGO_CODEC_ZSTD"  # per-scheme override of `Scheme.zstd`: "int8-block=1,int2-block=0"
-_ZSTD_MAGIC = 0xFD2FB528
-_ZSTD_BLOCK_MAX = 128 << 10  # largest zstd block
-_STORED_MAGIC = struct.pack("<IB", _ZSTD_MAGIC, 0xE0)  # a frame `_stored_frame` writes begins so
 _WIRE_DTYPES = {"float32": "<f4", "int8": "i1", "uint8": "u1", "uint16": "<u2", "uint32": "<u4"}
 _ITEMSIZE = {name: np.dtype(wire).itemsize for name, wire in _WIRE_DTYPES.items()}
 _WIRE_OF = {np.dtype(name): (name, np.dtype(wire)) for name, wire in _WIRE_DTYPES.items()}  # dtype → (name, wire)
@@ -160,11 +158,6 @@ def _layout(scheme: Scheme, numel: int) -> tuple[tuple[str, PartSpec], ...]:
     return tuple(scheme.layout(numel).items())
 
 
-def _zstd_bound(n: int) -> int:
-    """Largest zstd frame for ``n`` input bytes (ZSTD_COMPRESSBOUND plus frame-header slack)."""
-    return n + (n >> 8) + (128 << 10 >> 11) + 64
-
-
 def parse_header(
     data: bytes, *, max_raw_bytes: int = MAX_RAW_BYTES, max_decoded_bytes: int = MAX_DECODED_BYTES
 ) -> dict[str, Any]:
@@ -192,7 +185,7 @@ def _check_header(
     if raw_len > max_raw_bytes:
         raise CodecError(f"header: raw_len={raw_len} exceeds the cap of {max_raw_bytes} bytes")
     body_len = _size(h["body_len"], "body_len")
-    if body_len > _zstd_bound(raw_len):
+    if body_len > zstd_bound(raw_len):
         raise CodecError(f"header: body_len={body_len} exceeds zstd's bound for raw_len={raw_len}")
     if not isinstance(h["body_sha256"], str) or not _SHA256.fullmatch(h["body_sha256"]):
         raise CodecError(f"header: body_sha256 must be 64 lowercase hex digits, got {h['body_sha256']!r}")
@@ -270,82 +263,6 @@ def _check_expected(entries: list[_Entry], expected: Sequence[TensorSpec]) -> No
             raise CodecError(f"tensor {name!r}: expected dtype {spec.dtype}, payload has {e.dtype}")
 
 
-def _decompress(body: bytes, raw_len: int) -> bytes | bytearray:
-    """zstd ``body`` → exactly ``raw_len`` bytes, never buffering more than raw_len + one step.
-
-    A frame that declares ``raw_len`` as its content size is decompressed in one call into a
-    buffer of exactly that size (zstd itself fails if the content does not match what the
-    frame declares); any other frame is read in bounded steps, and a lie is caught within one.
-    """
-    try:
-        declared = zstandard.frame_content_size(body)
-    except zstandard.ZstdError:
-        declared = -1  # not a frame: the stepwise reader below says so
-    if declared == raw_len:
-        try:
-            return zstandard.ZstdDecompressor().decompress(body)
-        except zstandard.ZstdError as e:
-            raise CodecError(f"body is not a valid zstd frame: {e}") from None
-    out = bytearray(raw_len)
-    pos = 0
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
-            while chunk := reader.read(min(_READ_STEP, raw_len - pos + 1)):
-                if pos + len(chunk) > raw_len:
-                    raise CodecError(f"body decompresses to more than raw_len={raw_len} bytes")
-                out[pos : pos + len(chunk)] = chunk
-                pos += len(chunk)
-    except zstandard.ZstdError as e:
-        raise CodecError(f"body is not a valid zstd frame: {e}") from None
-    if pos != raw_len:
-        raise CodecError(f"body decompresses to {pos} bytes, header says raw_len={raw_len}")
-    return out
-
-
-def _stored_blocks(body: bytes, raw_len: int) -> list[tuple[int, int, int]] | None:
-    """The (raw offset, body offset, size) of each block if ``body`` is a frame of stored blocks
-    exactly as `_stored_frame` writes them (content size ``raw_len``, nothing after it), else
-    None: such a body can be read where it lies, without decompressing it into a copy."""
-    if len(body) < 16 or body[:5] != _STORED_MAGIC or int.from_bytes(body[5:13], "little") != raw_len:
-        return None
-    blocks, pos, done = [], 13, 0
-    while pos + 3 <= len(body):
-        head = int.from_bytes(body[pos : pos + 3], "little")
-        size = head >> 3
-        if head & 6 or size > _ZSTD_BLOCK_MAX or pos + 3 + size > len(body):  # not a raw block
-            return None
-        blocks.append((done, pos + 3, size))
-        pos, done = pos + 3 + size, done + size
-        if head & 1:  # the last block
-            return blocks if pos == len(body) and done == raw_len else None
-    return None
-
-
-def _reader(raw: bytes | bytearray | None, body: bytes, blocks: list[tuple[int, int, int]] | None):
-    """``copy(dest, offset)``: fill ``dest`` with raw bytes from ``offset``, from ``raw`` or,
-    for a stored frame, from the blocks of ``body`` that hold them."""
-    if blocks is None:
-        whole = np.frombuffer(raw, np.uint8)
-
-        def copy(dest: np.ndarray, offset: int) -> None:
-            dest[:] = whole[offset : offset + dest.size]
-
-        return copy
-    data = np.frombuffer(body, np.uint8)
-    starts = [b[0] for b in blocks]
-
-    def copy_blocks(dest: np.ndarray, offset: int) -> None:
-        i, done = bisect.bisect_right(starts, offset) - 1, 0
-        while done < dest.size:
-            raw_at, body_at, size = blocks[i]
-            skip = offset + done - raw_at
-            take = min(size - skip, dest.size - done)
-            dest[done : done + take] = data[body_at + skip : body_at + skip + take]
-            done, i = done + take, i + 1
-
-    return copy_blocks
-
-
 def _reconstruct(scheme: Scheme, entries: list[_Entry], raw: bytes | bytearray | None, body: bytes = b"",
                  blocks: list[tuple[int, int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Dequantize every tensor from the raw (decompressed) body: fp32, original shapes.
@@ -356,7 +273,7 @@ def _reconstruct(scheme: Scheme, entries: list[_Entry], raw: bytes | bytearray |
     """
     if isinstance(scheme, _BlockScheme):
         spans = [(e.numel, e.parts[0][2], e.parts[1][2]) for e in entries]  # layout: scales, values
-        values = scheme.dequantize_raw(_reader(raw, body, blocks), spans)
+        values = scheme.dequantize_raw(reader(raw, body, blocks), spans)
         return {e.name: v.view(e.shape) for e, v in zip(entries, values, strict=True)}
     assert raw is not None
     items: list[tuple[Parts, int]] = []
@@ -369,39 +286,6 @@ def _reconstruct(scheme: Scheme, entries: list[_Entry], raw: bytes | bytearray |
         items.append((parts, e.numel))
     values = [scheme.dequantize(parts, numel) for parts, numel in items]
     return {e.name: v.view(e.shape) for e, v in zip(entries, values, strict=True)}
-
-
-def zstd_enabled(scheme: Scheme) -> bool:
-    """Whether ``scheme``'s bodies are zstd-compressed by default: `ZSTD_ENV` if it names the
-    scheme, else the scheme's own `Scheme.zstd`."""
-    for item in filter(None, os.environ.get(ZSTD_ENV, "").split(",")):
-        name, _, value = item.strip().partition("=")
-        if name == scheme.name:
-            if value not in ("0", "1"):
-                raise CodecError(f"{ZSTD_ENV}: expected {name}=0 or {name}=1, got {item!r}")
-            return value == "1"
-    return scheme.zstd
-
-
-def _stored_frame(pieces: Sequence[bytes | memoryview | np.ndarray]) -> bytes:
-    """The concatenation of ``pieces`` as a zstd frame of raw (uncompressed) blocks (RFC 8878
-    §3.1.1), assembled in one copy: any zstd decoder reads it back, at memcpy speed, so a body
-    that zstd would not shrink skips zstd's time."""
-    views = [memoryview(p).cast("B") for p in pieces]
-    n = sum(v.nbytes for v in views)
-    out: list[bytes | memoryview] = [struct.pack("<IBQ", _ZSTD_MAGIC, 0xE0, n)]  # single segment, 8-byte size
-    done, room = 0, 0  # bytes framed so far; bytes left in the open block
-    for v in views:
-        while v.nbytes:
-            if room == 0:
-                room = min(_ZSTD_BLOCK_MAX, n - done)
-                out.append((room << 3 | (done + room == n)).to_bytes(3, "little"))  # block type 0: raw
-            take = min(room, v.nbytes)
-            out.append(v[:take])
-            v, room, done = v[take:], room - take, done + take
-    if n == 0:
-        out.append((0 << 3 | 1).to_bytes(3, "little"))  # one empty, last block
-    return b"".join(out)
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -467,7 +351,7 @@ def _quantize(
         raw = b"".join(blobs)
         body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(raw)
     else:
-        body = _stored_frame(blobs)
+        body = stored_frame(blobs)
         if batch is None:
             raw = b"".join(blobs)
     header = {
@@ -517,8 +401,8 @@ def decode(
         raise CodecError(f"body is {len(payload.body)} bytes, header says body_len={h['body_len']}")
     digest = _Digest(payload.body)
     try:
-        blocks = _stored_blocks(payload.body, h["raw_len"]) if isinstance(scheme, _BlockScheme) else None
-        raw = _decompress(payload.body, h["raw_len"]) if blocks is None else None
+        blocks = stored_blocks(payload.body, h["raw_len"]) if isinstance(scheme, _BlockScheme) else None
+        raw = decompress(payload.body, h["raw_len"]) if blocks is None else None
         out: dict[str, torch.Tensor] | CodecError = _reconstruct(scheme, entries, raw, payload.body, blocks)
     except CodecError as e:
         out = e
@@ -578,138 +462,3 @@ def _hasher() -> ThreadPoolExecutor:
 def payload_nbytes(payload: Payload) -> int:
     """Bytes on the wire: msgpack header plus compressed body (chunk framing excluded)."""
     return len(payload.header_bytes()) + len(payload.body)
-
-
-class ErrorFeedback:
-    """Per-tensor residuals so that quantization error is re-sent, not lost (EF / EF21 style).
-
-    For each tensor: ``y = Δ + e``, send ``Q(y)``, reconstruct ``ŷ`` from the very bytes sent
-    (the same code path the receiver runs), and keep ``e ← y − ŷ``.  Then
-    ``Σ_t ŷ_t = T·Δ − e_T``: the sum of what was received tracks the sum of what was meant,
-    off by one round's quantization error however many rounds pass.  Residuals of tensors
-    missing from a round (streaming fragments) are kept untouched.
-
-    Block schemes keep the residuals of a round's tensors as views of one flat buffer and,
-    while the rounds keep the same tensors, alternate between two such buffers: the kernel
-    writes the new residuals into the one the round before last used, never into the live one,
-    so a refused round (a NaN) leaves the state as it was.
-    """
-
-    def __init__(self) -> None:
-        self._residuals: dict[str, torch.Tensor] = {}  # name → fp32, the delta's shape
-        self._flat: _FlatResiduals | None = None
-
-    def encode(
-        self, deltas: Mapping[str, torch.Tensor], scheme: str, *, zstd_level: int = 3, zstd: bool | None = None
-    ) -> tuple[Payload, Mapping[str, torch.Tensor]]:
-        """Payload of ``Q(Δ + e)`` and the fp32 CPU tensors ``ŷ`` the receiver will decode.
-
-        Block schemes do it in one fused kernel call for all tensors (``y = Δ + e`` written
-        once; codes, scales and ``y − ŷ`` in one pass), and decode ``ŷ`` from the codes only
-        when the returned mapping is first read.  Bit for bit the same as quantizing, decoding
-        and subtracting tensor by tensor (tests/protos hold it to that reference).
-        """
-        q = get_scheme(scheme)
-        residuals: list[torch.Tensor | None] = []
-        dtypes: dict[str, str] = {}
-        for name, d in deltas.items():
-            if not isinstance(d, torch.Tensor) or not d.is_floating_point():
-                raise CodecError(f"delta {name!r} must be a floating torch tensor, got {type(d).__name__}")
-            e = self._residuals.get(name)
-            if e is not None and e.shape != d.shape:
-                shapes = f"shape {tuple(d.shape)} but its residual has {tuple(e.shape)}"
-                raise CodecError(f"delta {name!r} has {shapes}; reset() first")
-            residuals.append(e)
-            dtypes[name] = _dtype_name(d.dtype)
-        if isinstance(q, _BlockScheme):
-            return self._encode_block(deltas, q, residuals, dtypes, zstd_level, zstd)
-        ys: dict[str, torch.Tensor] = {}
-        for (name, d), e in zip(deltas.items(), residuals, strict=True):
-            y = d.detach().to(torch.float32)
-            ys[name] = y + e.to(y.device) if e is not None else y
-        payload, raw, _ = _quantize(ys, q, dtypes, zstd_level, zstd)
-        assert raw is not None
-        entries = _check_header(payload.header, len(raw), _NO_CAP)[1]  # our own header: no caps
-        y_hat = _reconstruct(q, entries, raw)
-        for name, y in ys.items():  # commit only once every tensor encoded
-            self._residuals[name] = y - y_hat[name].to(y.device)
-        return payload, y_hat
-
-    def _encode_block(
-        self, deltas: Mapping[str, torch.Tensor], q: _BlockScheme, residuals: list[torch.Tensor | None],
-        dtypes: dict[str, str], zstd_level: int, zstd: bool | None,
-    ) -> tuple[Payload, Mapping[str, torch.Tensor]]:
-        if threading.current_thread() is threading.main_thread() and compile_mode() == "auto" and (
-                sum(d.numel() for d in deltas.values()) >= _quant.COMPILE_MIN_NUMEL):
-            q.compile_kernels()  # a training island's push: the place to spend the compile (see COMPILE_ENV)
-        key = (q.name, q.block, tuple((n, tuple(d.shape), d.device.type) for n, d in deltas.items()))
-        flat = self._flat
-        spare = flat.spare if flat is not None and flat.key == key and all(
-            self._residuals.get(n) is v for n, v in flat.views.items()) else None
-        # Deltas of a dtype the wire does not name go in as fp32, as y = Δ.float() + e would.
-        xs = {n: d if _dtype_name(d.dtype) in _TENSOR_DTYPES else d.detach().float() for n, d in deltas.items()}
-        try:
-            payload, _, batch = _quantize(xs, q, dtypes, zstd_level, zstd, residuals=residuals, feedback=True,
-                                          out=spare)
-        except BaseException:  # a refused round may have left anything in the spare, padding included
-            if flat is not None:
-                flat.spare = None
-            raise
-        assert batch is not None and batch.residual is not None
-        views = dict(zip(deltas, batch.views(batch.residual, [d.shape for d in deltas.values()]), strict=True))
-        for name, d in deltas.items():  # commit only once every tensor encoded
-            self._residuals[name] = views[name] if d.device.type == "cpu" else views[name].to(d.device)
-        live = flat.buffer if flat is not None and flat.key == key else None
-        self._flat = _FlatResiduals(key, batch.residual, views, live)
-        return payload, _Decoded(batch, {n: tuple(d.shape) for n, d in deltas.items()})
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"residuals": {n: e.clone() for n, e in self._residuals.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        residuals = state.get("residuals") if isinstance(state, Mapping) else None
-        if not isinstance(residuals, Mapping) or not all(
-            isinstance(n, str) and isinstance(e, torch.Tensor) and e.is_floating_point()
-            for n, e in residuals.items()
-        ):
-            raise CodecError("error-feedback state must be {'residuals': {name: floating tensor}}")
-        self._residuals = {n: e.detach().to(torch.float32).clone() for n, e in residuals.items()}
-        self._flat = None
-
-    def reset(self) -> None:
-        """Drop every residual (after a model reset or a change of tensor shapes)."""
-        self._residuals.clear()
-        self._flat = None
-
-
-@dataclass
-class _FlatResiduals:
-    """The flat buffer behind a block scheme's residual views, and the one before it."""
-
-    key: tuple[Any, ...]  # scheme, block and the tensors (name, shape, device), in order
-    buffer: torch.Tensor
-    views: dict[str, torch.Tensor]
-    spare: torch.Tensor | None  # free to overwrite next round if the views are still the residuals
-
-
-class _Decoded(Mapping[str, torch.Tensor]):
-    """ŷ of one error-feedback round: decoded from the codes sent, in one kernel call, when first read."""
-
-    def __init__(self, batch: BlockBatch, shapes: dict[str, tuple[int, ...]]) -> None:
-        self._batch, self._shapes = batch, shapes
-        self._values: dict[str, torch.Tensor] | None = None
-
-    def _decoded(self) -> dict[str, torch.Tensor]:
-        if self._values is None:
-            flat = self._batch.y_hat
-            self._values = dict(zip(self._shapes, self._batch.views(flat, list(self._shapes.values())), strict=True))
-        return self._values
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._decoded()[name]
-
-    def __iter__(self):
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)

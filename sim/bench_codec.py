@@ -26,8 +26,10 @@ from archipelago.runinfo import run_metadata, write_json
 from island.diloco_config import synced_tensors
 from island.job import IslandJobConfig
 from island.train import Trainer
-from protos.codec import ErrorFeedback, decode, encode, payload_nbytes, zstd_enabled
+from protos.codec import decode, encode, payload_nbytes
+from protos.error_feedback import ErrorFeedback
 from protos.quant import COMPILE_ENV, SCHEMES, compile_mode
+from protos.zstd_frames import zstd_enabled
 
 
 def pseudo_gradient(job: IslandJobConfig, steps: int) -> dict[str, torch.Tensor]:

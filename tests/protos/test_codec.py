@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from protos import codec
 from protos.codec import (
     CodecError,
-    ErrorFeedback,
     Payload,
     TensorSpec,
     decode,
     encode,
     payload_nbytes,
 )
+from protos.error_feedback import ErrorFeedback
 from protos.quant import SCHEMES
 
 SHAPES = st.one_of(

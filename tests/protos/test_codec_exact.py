@@ -17,8 +17,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import codec, quant
-from protos.codec import ErrorFeedback, decode, encode
+from protos import codec, codec_kernels, quant, zstd_frames
+from protos.codec import decode, encode
+from protos.error_feedback import ErrorFeedback
 from protos.quant import SCHEMES
 from tests.protos import reference_codec as ref
 
@@ -151,14 +152,14 @@ def test_default_zstd_per_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
     for scheme in SCHEMES:
         want, raw, _ = ref.quantize_payload(ts, scheme, zstd_level=3)
         zstd = scheme not in ("int8-block", "int4-block", "int2-block")
-        assert codec.zstd_enabled(SCHEMES[scheme]) is zstd
+        assert zstd_frames.zstd_enabled(SCHEMES[scheme]) is zstd
         p = encode(ts, scheme)
         assert (p.body == want.body) is zstd
         assert zstandard.ZstdDecompressor().decompress(p.body) == raw
-    monkeypatch.setenv(codec.ZSTD_ENV, "int8-block=1, fp8-block=0")
-    assert codec.zstd_enabled(SCHEMES["int8-block"]) and not codec.zstd_enabled(SCHEMES["fp8-block"])
+    monkeypatch.setenv(zstd_frames.ZSTD_ENV, "int8-block=1, fp8-block=0")
+    assert zstd_frames.zstd_enabled(SCHEMES["int8-block"]) and not zstd_frames.zstd_enabled(SCHEMES["fp8-block"])
     assert encode(ts, "int8-block").body == ref.quantize_payload(ts, "int8-block")[0].body
-    monkeypatch.setenv(codec.ZSTD_ENV, "int8-block=yes")
+    monkeypatch.setenv(zstd_frames.ZSTD_ENV, "int8-block=yes")
     with pytest.raises(codec.CodecError, match="int8-block=0 or int8-block=1"):
         encode(ts, "int8-block")
 
@@ -166,17 +167,17 @@ def test_default_zstd_per_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("n", [0, 1, (128 << 10) - 1, 128 << 10, (128 << 10) * 2 + 5])
 def test_stored_frame_is_a_zstd_frame(n: int) -> None:
     raw = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    frame = codec._stored_frame([raw[: n // 3], memoryview(raw)[n // 3 : n // 2], np.frombuffer(raw[n // 2 :], np.uint8)])
+    frame = zstd_frames.stored_frame([raw[: n // 3], memoryview(raw)[n // 3 : n // 2], np.frombuffer(raw[n // 2 :], np.uint8)])
     assert zstandard.frame_content_size(frame) == n
     assert zstandard.ZstdDecompressor().decompress(frame) == raw
-    assert codec._decompress(frame, n) == raw
-    assert len(frame) <= codec._zstd_bound(n)
+    assert zstd_frames.decompress(frame, n) == raw
+    assert len(frame) <= zstd_frames.zstd_bound(n)
 
 
 def test_large_payload_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the compile threshold (eager here), several tensors: the island's and the bench's path."""
     monkeypatch.setenv(quant.COMPILE_ENV, "0")
-    n = quant.COMPILE_MIN_NUMEL // 7 + 11
+    n = codec_kernels.COMPILE_MIN_NUMEL // 7 + 11
     ts = {"a": make("normal", 7 * n, 1, 1e-3).reshape(n, 7), "b": make("loguniform", 3001, 2, 1.0),
           "c": make("negzeros", 130, 3, 1.0)}
     for scheme in BLOCK_SCHEMES:
@@ -192,7 +193,7 @@ def compiled_kernels():
     """Every block scheme's kernels compiled (synchronously, at any size) for this module."""
     mp = pytest.MonkeyPatch()
     mp.setenv(quant.COMPILE_ENV, "1")
-    mp.setattr(quant, "COMPILE_MIN_NUMEL", 0)
+    mp.setattr(codec_kernels, "COMPILE_MIN_NUMEL", 0)
     yield
     mp.undo()
     for scheme in BLOCK_SCHEMES:
@@ -281,18 +282,18 @@ def test_a_refused_round_leaves_no_trace_in_the_reused_buffers(scheme: str) -> N
 
 def test_stored_blocks_are_read_in_place_only_when_exactly_ours() -> None:
     raw = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    frame = codec._stored_frame([raw])
-    blocks = codec._stored_blocks(frame, len(raw))
+    frame = zstd_frames.stored_frame([raw])
+    blocks = zstd_frames.stored_blocks(frame, len(raw))
     assert blocks is not None and [b[2] for b in blocks] == [128 << 10, 128 << 10, 300_000 - (256 << 10)]
     dest = np.empty(200_000, np.uint8)
-    codec._reader(None, frame, blocks)(dest, 50_000)  # across a block boundary
+    zstd_frames.reader(None, frame, blocks)(dest, 50_000)  # across a block boundary
     assert dest.tobytes() == raw[50_000:250_000]
     compressed = zstandard.ZstdCompressor(write_content_size=True).compress(raw)
     for body, raw_len in [(frame, len(raw) + 1), (frame + b"\0", len(raw)), (frame[:-1], len(raw)),
                           (compressed, len(raw)), (b"\x28\xb5\x2f\xfd\xe0" + bytes(11), 0)]:
-        assert codec._stored_blocks(body, raw_len) is None
+        assert zstd_frames.stored_blocks(body, raw_len) is None
     ts = {"w": make("normal", 70_000, 3, 1.0)}
     p = encode(ts, "int8-block")
-    assert codec._stored_blocks(p.body, p.header["raw_len"]) is not None
+    assert zstd_frames.stored_blocks(p.body, p.header["raw_len"]) is not None
     _, raw, layout = ref.quantize_payload(ts, "int8-block", zstd_level=None)
     assert_same_values(decode(p), ref.reconstruct("int8-block", layout, raw))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archipelago.errors import UserError
-from protos import quant
+from protos import codec_kernels, quant
 from protos.quant import (
     SCHEMES,
     CodecError,
@@ -216,7 +216,7 @@ def _big(scheme: Scheme) -> torch.Tensor:
 @pytest.fixture
 def compile_small(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Every kernel call is large enough to compile; torch.compile is whatever the test makes it."""
-    monkeypatch.setattr(quant, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(codec_kernels, "COMPILE_MIN_NUMEL", 0)
     return monkeypatch
 
 
@@ -249,7 +249,8 @@ def test_kernels_compile_together_once_check_and_then_run_compiled(compile_small
 def test_auto_compiles_only_for_error_feedback_on_the_main_thread(compile_small: pytest.MonkeyPatch) -> None:
     """torch.compile restores process-wide state (the RNGs) when it is done: from a second thread
     it would move the main thread's random draws; and a serving process should not stall on it."""
-    from protos.codec import ErrorFeedback, decode, encode
+    from protos.codec import decode, encode
+    from protos.error_feedback import ErrorFeedback
 
     compile_small.setenv(quant.COMPILE_ENV, "auto")
     calls: list[str] = []
@@ -269,7 +270,7 @@ def test_auto_compiles_only_for_error_feedback_on_the_main_thread(compile_small:
 def test_a_compile_leaves_the_rng_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     """What makes compiling from the main thread safe for training's random draws."""
     monkeypatch.setenv(quant.COMPILE_ENV, "1")
-    monkeypatch.setattr(quant, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(codec_kernels, "COMPILE_MIN_NUMEL", 0)
     scheme = Int2Block()
     torch.manual_seed(7)
     want = torch.rand(5)

@@ -134,7 +134,8 @@ def test_sim_config_errors_name_the_field(sim_config, bad, match):
 
 
 def test_lossless_codec_pseudo_gradient_round_trip_is_exact():
-    from protos.codec import ErrorFeedback, decode
+    from protos.codec import decode
+    from protos.error_feedback import ErrorFeedback
 
     delta = {"w": torch.randn(300, 7)}
     payload, sent = ErrorFeedback().encode(delta, "fp32")
