@@ -64,7 +64,7 @@ def to_parts(q: Quantized) -> dict[str, np.ndarray]:
 # ---- torch reference twin --------------------------------------------------------------------
 
 def _pack(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """levels: int32 [n] in [-2^(bits-1), 2^(bits-1)) → uint8 [ceil(n·bits/8)], like `pack_bits`."""
+    """levels: int32 [n] in [-2^(bits-1), 2^(bits-1)) → uint8 [ceil(n·bits/8)], as the codec packs them (`protos.block_schemes`)."""
     per = 8 // bits
     fields = F.pad(levels & ((1 << bits) - 1), (0, -levels.numel() % per)).view(-1, per)
     shifts = torch.arange(per, device=levels.device, dtype=torch.int32) * bits

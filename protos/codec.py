@@ -24,7 +24,7 @@ header declared (a frame of stored blocks exactly as this module writes them is 
 lies).  Past that boundary the code trusts what it has checked.
 
 Block schemes encode (with or without error feedback) and decode every tensor of a payload in
-one fused kernel call over one flat buffer (`protos.quant`), bit for bit what quantizing and
+one fused kernel call over one flat buffer (`protos.block_schemes`), bit for bit what quantizing and
 dequantizing tensor by tensor gives (tests/protos/reference_codec.py keeps that reference).
 """
 

@@ -2,7 +2,7 @@
 
 The interface and the scales-free schemes are in `protos.scheme`, the block schemes
 (int8/int4/int2/fp8-block) in `protos.block_schemes` with their fused kernels in
-`protos.codec_kernels`; this module adds top-k and the reference bit packing, and re-exports the
+`protos.codec_kernels`; this module adds top-k and re-exports the
 names callers use.  All schemes are deterministic: ties are broken by index, rounding is
 round-half-to-even.
 """
@@ -35,12 +35,11 @@ from protos.scheme import (
     PartSpec,
     Scheme,
     _max_abs,
-    _n_blocks,
 )
 
 __all__ = ["COMPILE_ENV", "DEFAULT_BLOCK", "SCHEMES", "Bf16", "BlockBatch", "CodecError",
            "Fp8Block", "Fp32", "Int2Block", "Int4Block", "Int8Block", "Kernel", "PartSpec", "Parts", "Scheme",
-           "TopKInt8", "_BlockScheme", "_IntBlock", "compile_mode", "get_scheme", "pack_bits", "unpack_bits"]
+           "TopKInt8", "_BlockScheme", "_IntBlock", "compile_mode", "get_scheme"]
 
 
 class TopKInt8(Scheme):
@@ -119,27 +118,6 @@ class TopKInt8(Scheme):
         dropped = _max_abs(x[~keep])
         kept = _max_abs(x[keep])
         return max(dropped, kept / 127 / 2 + kept * _REL_EPS + _ABS_EPS)
-
-
-def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
-    """``q: int8 [n]`` of ``bits``-bit two's-complement codes → ``uint8 [ceil(n*bits/8)]``.
-
-    Code j of each byte sits at bit ``j*bits`` (little-endian within the byte); the tail of the
-    last byte is zero.
-    """
-    per, mask = 8 // bits, (1 << bits) - 1
-    padded = np.zeros(_n_blocks(q.size, per) * per, dtype=np.uint8)
-    padded[: q.size] = q.astype(np.uint8) & mask
-    shifts = (np.arange(per) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(np.uint8)
-
-
-def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of `pack_bits`: ``uint8 [ceil(n*bits/8)]`` → sign-extended ``int8 [n]``."""
-    per, mask = 8 // bits, (1 << bits) - 1
-    shifts = (np.arange(per) * bits).astype(np.uint8)
-    codes = ((packed[:, None] >> shifts) & mask).reshape(-1)[:n].astype(np.int16)
-    return (codes - ((codes >> (bits - 1)) << bits)).astype(np.int8)
 
 
 SCHEMES: dict[str, Scheme] = {

@@ -22,9 +22,8 @@ from protos.quant import (
     Scheme,
     TopKInt8,
     get_scheme,
-    pack_bits,
-    unpack_bits,
 )
+from tests.protos.reference_codec import pack_bits, unpack_bits
 
 SPECIAL_SHAPES = [(0,), (1,), (), (127,), (128,), (129,), (2, 200), (3000,), (0, 7)]
 MAGNITUDES = [1e-40, 1e-20, 1e-3, 1.0, 1e3, 1e20, 1e36]
@@ -140,6 +139,9 @@ def test_pack_unpack_exact(bits: int, lo: int, hi: int, data: st.DataObject) -> 
 def test_pack_layout_is_little_endian_within_byte() -> None:
     assert pack_bits(np.array([1, -1], dtype=np.int8), 4).tolist() == [0xF1]
     assert pack_bits(np.array([1, -1, 0, 1, -1], dtype=np.int8), 2).tolist() == [0b01001101, 0b11]
+    # The codec's own kernels pack the same way (scale 1: the levels are the values).
+    assert Int4Block().quantize(torch.tensor([1.0, -1.0, 7.0]))["values"].tolist() == [0xF1, 0x07]
+    assert Int2Block().quantize(torch.tensor([1.0, -1.0, 0.0, 1.0, -1.0]))["values"].tolist() == [0b01001101, 0b11]
 
 
 @pytest.mark.parametrize("name, qmax", [("int4-block", 7), ("int2-block", 1)])
