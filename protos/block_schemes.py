@@ -123,18 +123,27 @@ class _BlockScheme(Scheme):
         fp32 ``[nb, block]``."""
         return self._decode_levels(codes) * scales[:, None]
 
+    def _accumulate_kernel(self, acc: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           weight: torch.Tensor) -> torch.Tensor:
+        """``acc: fp32 [nb, block]`` += (what `_dequantize_kernel` gives) × ``weight`` (a 0-d fp32
+        tensor), in place: the product rounded, then the sum, each once (no multiply-add)."""
+        return acc.add_(self._decode_levels(codes) * scales[:, None] * weight)
+
     def _codes2d(self, codes: torch.Tensor) -> torch.Tensor:
         per = 8 // self.bits
         return codes.view(-1, self.block // per) if self.block % per == 0 else codes
 
     def kernel(self, kind: str) -> Kernel:
-        """The scheme's ``"quantize"``, ``"feedback"`` or ``"dequantize"`` kernel."""
+        """The scheme's ``"quantize"``, ``"feedback"``, ``"dequantize"`` or ``"accumulate"`` kernel.
+
+        The first three are what an island runs and compile together; ``accumulate`` (a
+        coordinator's merge) compiles on its own."""
         if not self._kernels:
             group: list[Kernel] = []
             for k, fn in (("feedback", self._feedback_kernel), ("quantize", self._quantize_kernel),
-                          ("dequantize", self._dequantize_kernel)):
+                          ("dequantize", self._dequantize_kernel), ("accumulate", self._accumulate_kernel)):
                 self._kernels[k] = Kernel(f"{self.name}/{k}", fn, self._sample, functools.partial(self._synthetic, k),
-                                          group, exact=k not in self.eager_only)
+                                          [] if k == "accumulate" else group, exact=k not in self.eager_only)
         return self._kernels[kind]
 
     def _synthetic(self, kind: str) -> tuple[torch.Tensor, ...]:
@@ -142,29 +151,40 @@ class _BlockScheme(Scheme):
         rows = max(2, (1 << 16) // self.unit) * (self.unit // self.block)
         y = torch.linspace(-3.0, 3.0, rows * self.block).view(rows, self.block)
         y = y * torch.arange(1, rows + 1, dtype=torch.float32).remainder(7)[:, None]  # zero rows too
-        if kind != "dequantize":
+        if kind not in ("dequantize", "accumulate"):
             return (y,)
         codes, scales = self._quantize_kernel(y)
-        return self._codes2d(codes.reshape(-1)), scales
+        if kind == "dequantize":
+            return self._codes2d(codes.reshape(-1)), scales
+        return y.flip(0) / 3, self._codes2d(codes.reshape(-1)), scales, torch.tensor(0.37)
 
     def _sample(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The first ≤ 2^20 values' worth of a kernel's arguments: what a compile is checked on."""
         rows = max(1, (1 << 20) // self.unit) * (self.unit // self.block)  # whole units of whole blocks
         if len(args) == 1:  # y
             return (args[0][:rows],)
+        head, tail = (), ()
+        if len(args) == 4:  # acc, codes, scales, weight
+            head, tail, args = (args[0][:rows],), args[3:], args[1:3]
         codes, scales = args
-        return (codes[:rows] if codes.dim() == 2 else codes[: rows * self.block * self.bits // 8]), scales[:rows]
+        codes = codes[:rows] if codes.dim() == 2 else codes[: rows * self.block * self.bits // 8]
+        return (*head, codes, scales[:rows], *tail)
 
     eager_only: tuple[str, ...] = ()  # kernels torch.compile cannot build: never tried
 
-    def kernels(self) -> list[Kernel]:
-        return [self.kernel(kind) for kind in ("feedback", "quantize", "dequantize")]
+    ISLAND_KERNELS = ("feedback", "quantize", "dequantize")
 
-    def compile_kernels(self) -> None:
-        """Compile the scheme's kernels now, in this thread, unless `COMPILE_ENV` is ``0`` (see
-        there for which callers should); a no-op once they are compiled or have failed."""
-        if compile_mode() != "0" and any(k.state == "eager" for k in self.kernels()):
-            self.kernel("feedback").compile_group()
+    def kernels(self, kinds: Sequence[str] = ISLAND_KERNELS) -> list[Kernel]:
+        return [self.kernel(kind) for kind in kinds]
+
+    def compile_kernels(self, kinds: Sequence[str] = ISLAND_KERNELS) -> None:
+        """Compile the scheme's kernels of ``kinds`` now, in this thread, unless `COMPILE_ENV` is
+        ``0`` (see there for which callers should); a no-op once they are compiled or have failed."""
+        if compile_mode() == "0":
+            return
+        for kernel in self.kernels(kinds):
+            if kernel.state == "eager":
+                kernel.compile_group()
 
     # ---- many tensors at once ----
 
@@ -249,19 +269,38 @@ class _BlockScheme(Scheme):
         with the body's bytes from ``offset`` on (so a body in pieces is read where it lies)."""
         numels = [n for n, _, _ in spans]
         starts, total = self._slots(numels)
+        codes, scales = self.gather_raw(copy, spans, starts, total)
+        return self._dequantize_gathered(codes, scales, starts, numels)
+
+    def gather_raw(self, copy: Callable[[np.ndarray, int], None], spans: Sequence[tuple[int, int, int]],
+                   starts: Sequence[int], total: int) -> tuple[np.ndarray, np.ndarray]:
+        """The codes (uint8) and scales (fp32) of ``spans`` (see `dequantize_raw`), tensor i laid out
+        from element ``starts[i]`` of a flat buffer of ``total`` elements with zeros in between, in
+        this thread's scratch buffer (valid until its next use)."""
         per = 8 // self.bits
         nscales = total // self.block
         buf = _scratch(4 * nscales + total // per)
         scale_bytes, codes = buf[: 4 * nscales], buf[4 * nscales :]
-        for (n, scales_at, codes_at), start in zip(spans, starts, strict=True):
+        ends = [*starts[1:], total] if starts else []
+        for (n, scales_at, codes_at), start, end in zip(spans, starts, ends, strict=True):
             b0, s0, nb, nc = start // per, start // self.block, -(-n // self.block), -(-n * self.bits // 8)
             copy(codes[b0 : b0 + nc], codes_at)
             copy(scale_bytes[4 * s0 : 4 * (s0 + nb)], scales_at)
-            if n % self.unit:  # zeros in the padding
-                end = start + n - n % self.unit + self.unit
-                codes[b0 + nc : end // per] = 0
-                scale_bytes[4 * (s0 + nb) : 4 * (end // self.block)] = 0
-        return self._dequantize_gathered(codes, scale_bytes.view(np.float32), starts, numels)
+            codes[b0 + nc : end // per] = 0  # zeros in the padding
+            scale_bytes[4 * (s0 + nb) : 4 * (end // self.block)] = 0
+        return codes, scale_bytes.view(np.float32)
+
+    def accumulate_raw(self, acc: torch.Tensor, copy: Callable[[np.ndarray, int], None],
+                       spans: Sequence[tuple[int, int, int]], starts: Sequence[int], weight: float) -> None:
+        """``acc`` (fp32, a flat buffer in which tensor i starts at element ``starts[i]``, each start
+        a multiple of `unit`) += ``weight`` × the decoded values of ``spans``, in one kernel call:
+        bit for bit ``acc += dequantize_raw(...) * weight`` tensor by tensor."""
+        if not acc.numel():
+            return
+        codes, scales = self.gather_raw(copy, spans, starts, acc.numel())
+        codes_t = self._codes2d(torch.from_numpy(codes).view(self.code_dtype))
+        self.kernel("accumulate")(acc.view(-1, self.block), codes_t, torch.from_numpy(scales),
+                                  torch.tensor(weight, dtype=torch.float32))
 
     def _dequantize_gathered(self, codes: np.ndarray, scales: np.ndarray, starts: list[int],
                              numels: list[int]) -> list[torch.Tensor]:

@@ -377,10 +377,55 @@ def encode(
     return _quantize(tensors, get_scheme(scheme), dtypes, zstd_level, zstd)[0]
 
 
+def check_header(
+    header: dict[str, Any],
+    expected: Sequence[TensorSpec] | None = None,
+    *,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
+) -> tuple[Scheme, list[_Entry]]:
+    """A codec header alone, against its caps and the ``expected`` specs, before any body arrives:
+    the scheme and the validated tensor entries."""
+    scheme, entries = _check_header(header, max_raw_bytes, max_decoded_bytes)
+    if expected is not None:
+        _check_expected(entries, expected)
+    return scheme, entries
+
+
+def check_payload(
+    payload: Payload,
+    expected: Sequence[TensorSpec] | None = None,
+    *,
+    verify_sha256: bool = True,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
+) -> tuple[Scheme, list[_Entry]]:
+    """What `decode` checks before it reads the body's values: the header, the ``expected`` specs,
+    the body's length and (``verify_sha256``; off only for a body this process verified
+    itself) its sha256. The scheme and the validated tensor entries."""
+    scheme, entries = check_header(payload.header, expected, max_raw_bytes=max_raw_bytes,
+                                   max_decoded_bytes=max_decoded_bytes)
+    h = payload.header
+    if len(payload.body) != h["body_len"]:
+        raise CodecError(f"body is {len(payload.body)} bytes, header says body_len={h['body_len']}")
+    if verify_sha256 and (got := hashlib.sha256(payload.body).hexdigest()) != h["body_sha256"]:
+        raise CodecError(f"body sha256 mismatch: header says {h['body_sha256']}, body has {got}")
+    return scheme, entries
+
+
+def raw_reader(payload: Payload):
+    """``copy(dest, offset)`` over the raw body of a checked payload (`check_payload`): read where
+    it lies for a frame of stored blocks, else decompressed first (bounded by raw_len)."""
+    raw_len = payload.header["raw_len"]
+    blocks = stored_blocks(payload.body, raw_len)
+    return reader(decompress(payload.body, raw_len) if blocks is None else None, payload.body, blocks)
+
+
 def decode(
     payload: Payload,
     expected: Sequence[TensorSpec] | None = None,
     *,
+    verify_sha256: bool = True,
     max_raw_bytes: int = MAX_RAW_BYTES,
     max_decoded_bytes: int = MAX_DECODED_BYTES,
 ) -> dict[str, torch.Tensor]:
@@ -389,7 +434,8 @@ def decode(
     Order of checks, cheapest and allocation-free first: header structure and caps, the
     ``expected`` specs, body length and sha256, then bounded decompression.  A large body is
     hashed on a second thread (hashlib releases the GIL) while it is decompressed and decoded;
-    nothing is returned, and no error past the body length raised, before the digest matched.
+    nothing is returned, and no error past the body length raised, before the digest matched
+    (``verify_sha256=False``: a body this process verified when it received it).
     (The sha256 guards against corruption, not against a sender, who can hash a lie; what is
     decompressed is bounded by the checked header either way.)
     """
@@ -399,14 +445,14 @@ def decode(
     h = payload.header
     if len(payload.body) != h["body_len"]:
         raise CodecError(f"body is {len(payload.body)} bytes, header says body_len={h['body_len']}")
-    digest = _Digest(payload.body)
+    digest = _Digest(payload.body) if verify_sha256 else None
     try:
         blocks = stored_blocks(payload.body, h["raw_len"]) if isinstance(scheme, _BlockScheme) else None
         raw = decompress(payload.body, h["raw_len"]) if blocks is None else None
         out: dict[str, torch.Tensor] | CodecError = _reconstruct(scheme, entries, raw, payload.body, blocks)
     except CodecError as e:
         out = e
-    if (got := digest.hexdigest()) != h["body_sha256"]:
+    if digest is not None and (got := digest.hexdigest()) != h["body_sha256"]:
         raise CodecError(f"body sha256 mismatch: header says {h['body_sha256']}, body has {got}")
     if isinstance(out, CodecError):
         raise out

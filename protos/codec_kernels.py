@@ -21,12 +21,14 @@ from archipelago.errors import UserError
 
 COMPILE_ENV = "ARCHIPELAGO_CODEC_COMPILE"
 """``0``: always eager.  ``1``: the first large call of a kernel compiles the scheme's kernels, in
-whichever thread (benchmarks, tests).  ``auto`` (the default): only a training thread's large
-error-feedback encode compiles them (`_BlockScheme.compile_kernels`, from the main thread: seconds
-once per process, cached on disk by inductor), and everything else uses them once compiled.
-Neither a second thread nor a serving process compiles: torch.compile saves and restores
-process-wide state such as the RNGs, which would move another thread's random draws, and a
-compile would stall whatever waits on the call (a coordinator taking over, say)."""
+whichever thread (benchmarks, tests).  ``auto`` (the default): only an explicit compile does: a
+training thread's large error-feedback encode (`_BlockScheme.compile_kernels`, from the main
+thread: seconds once per process, cached on disk by inductor), and a coordinator's merge and
+broadcast kernels on a background thread (`protos.quant.compile_in_background`: a coordinator
+draws no random numbers from torch); everything else uses them once compiled. A compile must not
+run on a second thread of a process whose results depend on torch's RNG (torch.compile saves and
+restores process-wide state such as the RNGs, which would move another thread's random draws),
+nor where a caller waits on it (a coordinator taking over, say)."""
 COMPILE_MIN_NUMEL = 1 << 18  # smaller calls always run eagerly: not worth a compile
 # Exactness: no FMA contraction (a*b - c rounded once), no reciprocal or reassociated math.
 _INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
@@ -126,7 +128,8 @@ class Kernel:
             # Only the lengths are symbolic: block, qmax and bits stay constants (vectorised code).
             compiled = torch.compile(self.fn, options=_INDUCTOR_OPTIONS)
             for a in ours:
-                torch._dynamo.mark_dynamic(a, 0)
+                if a.dim():  # a 0-d argument (a weight) is a value, not a size
+                    torch._dynamo.mark_dynamic(a, 0)
             if not _same((compiled(*ours), *ours), (self.fn(*theirs), *theirs)):
                 raise RuntimeError("compiled result differs from eager")
         except Exception as e:  # noqa: BLE001 (any failure means: stay eager)

@@ -10,6 +10,7 @@ round-half-to-even.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ from protos.scheme import (
 
 __all__ = ["COMPILE_ENV", "DEFAULT_BLOCK", "SCHEMES", "Bf16", "BlockBatch", "CodecError",
            "Fp8Block", "Fp32", "Int2Block", "Int4Block", "Int8Block", "Kernel", "PartSpec", "Parts", "Scheme",
-           "TopKInt8", "_BlockScheme", "_IntBlock", "compile_mode", "get_scheme"]
+           "TopKInt8", "_BlockScheme", "_IntBlock", "compile_in_background", "compile_mode", "get_scheme",
+           "kernel_states"]
 
 
 class TopKInt8(Scheme):
@@ -131,3 +133,30 @@ def get_scheme(name: str) -> Scheme:
         return SCHEMES[name]
     except (KeyError, TypeError):
         raise CodecError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+
+
+MERGE_KERNELS = ("accumulate", "quantize", "dequantize")
+"""What a coordinator runs of a block scheme: the merge's accumulate, the broadcast's quantize and
+the θ_b update's dequantize."""
+
+_BACKGROUND: dict[str, threading.Thread] = {}
+
+
+def compile_in_background(name: str, kinds: tuple[str, ...] = MERGE_KERNELS) -> None:
+    """Compile scheme ``name``'s kernels of ``kinds`` on a daemon thread (once per scheme and
+    process; nothing for a scheme without kernels, or with `COMPILE_ENV` at ``0``). For a process
+    whose results do not depend on torch's RNG (see `COMPILE_ENV`): a coordinator. Until a kernel
+    is ready its eager twin runs, with the same bits."""
+    scheme = SCHEMES.get(name)
+    if not isinstance(scheme, _BlockScheme) or compile_mode() == "0" or name in _BACKGROUND:
+        return
+    thread = threading.Thread(target=scheme.compile_kernels, args=(kinds,), name=f"compile-{name}", daemon=True)
+    _BACKGROUND[name] = thread
+    thread.start()
+
+
+def kernel_states() -> dict[str, dict[str, object]]:
+    """How each kernel made so far runs: ``state`` (eager, compiling, ready, failed, never), the
+    compile's seconds and, if it failed, why."""
+    return {k.name: {"state": k.state, "compile_s": k.compile_s, **({"error": k.error} if k.error else {})}
+            for s in SCHEMES.values() if isinstance(s, _BlockScheme) for k in s._kernels.values()}
