@@ -4,8 +4,9 @@
 version, timeline) is acceptable now (docs/design.md, step 6). The servicer calls it on the
 header, before a byte of the body is read, and the round engine calls it again under its lock
 just before it makes the push durable: versions may have been committed, or the same push
-received on another stream, while this one streamed. `check_pseudo_gradient` judges the decoded
-body. Nothing here changes state.
+received on another stream, while this one streamed. `check_push_fields` judges the header's
+own numbers; the body is judged as it is received (coordinator/ingest.py: `check_body`). Nothing
+here changes state.
 
 Every refusal is a `Refused` whose `code` is the gRPC status the island gets and whose `action`
 (trailing metadata `archipelago-action`) says what the island can do about it by itself:
@@ -17,11 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import torch
-
-from coordinator.guard import first_non_finite
-from protos.broadcast import l2_norm
 
 if TYPE_CHECKING:
     from coordinator.rounds import RoundEngine
@@ -77,7 +73,7 @@ class AheadOfGlobal(Refused):
 
 
 class BadPseudoGradient(Refused):
-    """A decoded body that cannot be applied: non-finite, over the norm bound, or weightless."""
+    """A body that cannot be applied (non-finite, over the norm bound) or a push without weight."""
 
     code = "INVALID_ARGUMENT"
 
@@ -128,15 +124,7 @@ def admit(claim: PushClaim, engine: RoundEngine, staleness_limit: int) -> int:
     return staleness
 
 
-def check_pseudo_gradient(delta: dict[str, torch.Tensor], tokens: int, max_update_norm: float) -> None:
-    """A decoded pseudo-gradient the outer step can use: finite, within the norm bound (0: none),
-    and weighted by the tokens it was trained on."""
-    bad = first_non_finite(delta)
-    if bad is not None:
-        raise BadPseudoGradient(f"pseudo-gradient tensor '{bad}' contains NaN or Inf")
-    if max_update_norm > 0:
-        norm = l2_norm(delta)
-        if norm > max_update_norm:
-            raise BadPseudoGradient(f"pseudo-gradient norm {norm:.4g} exceeds the bound {max_update_norm:.4g}")
+def check_push_fields(tokens: int) -> None:
+    """The header's numbers the outer step weighs a push by: it must report the tokens it trained on."""
     if tokens == 0:
         raise BadPseudoGradient("a push must report the tokens it trained on (tokens=0)")

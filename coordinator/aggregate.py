@@ -1,7 +1,11 @@
 """One round's contributions → one pseudo-gradient g for the outer step (docs/design.md step 7).
 
-Default, the weighted mean  g = Σ w_i Δ_i / Σ w_i  (w_i = tokens × staleness discount), exactly as
-`ParamState.aggregate` computes it. Two optional defences against a faulty or malicious island:
+Default, the weighted mean  g = (Σ w_i Δ_i) / Σ w_i  (w_i = tokens × staleness discount, summed in
+key order), which the round engine takes from the merge it kept while the pushes arrived
+(coordinator/merge.py) without ever decoding a push into a tensor of its own. Two optional
+defences against a faulty or malicious island need every push's values at once, so with either
+on the round's pushes are decoded when it closes, one fp32 copy each (n × 4 bytes a parameter
+of the fragment, and one more pass over them): what robust aggregation costs.
 
 Norm clipping (``clip_update_norm = c > 0``): Δ_i ← Δ_i · min(1, c·m / ‖Δ_i‖), where m is the median
 of the fragment's recent update norms: the norms of the last ``clip_window`` contributions of
@@ -26,14 +30,15 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from coordinator.config import CoordinatorConfig
-from coordinator.params import Contribution, ParamState
+from coordinator.params import Contribution
+from protos.accumulate import WeightedSum
 from protos.broadcast import l2_norm
+from protos.codec import TensorSpec
 
 MIN_TRIMMED = 4  # contributions a round needs before the trimmed mean applies
 _TRIM_STEP = 1 << 22  # coordinates × contributions per sort: bounds the trimmed mean's scratch memory
@@ -80,29 +85,39 @@ class Aggregator:
         self.cfg = cfg
         self.norms: list[deque[float]] = [deque(maxlen=cfg.clip_window) for _ in range(num_fragments)]
 
-    def __call__(self, params: ParamState, contributions: list[Contribution],
-                 fragment: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """g for the fragment, and what the robust steps did (empty when both are off)."""
-        info: dict[str, Any] = {}
-        if self.cfg.clip_update_norm > 0:
-            contributions = self.clip(contributions, fragment, info)
-        if self.cfg.aggregation == "trimmed_mean" and len(contributions) >= MIN_TRIMMED:
-            grad = trimmed_mean_tensors([c.delta for c in contributions], [c.weight for c in contributions],
-                                        params.fragments[fragment], self.cfg.trim_fraction)
-            info["aggregation"] = "trimmed_mean"
-        else:
-            grad = params.aggregate(contributions, fragment)
-        return grad, info
+    @property
+    def robust(self) -> bool:
+        """Whether a round needs its pushes decoded (clipping or the trimmed mean is on)."""
+        return self.cfg.clip_update_norm > 0 or self.cfg.aggregation == "trimmed_mean"
 
-    def clip(self, contributions: list[Contribution], fragment: int, info: dict[str, Any]) -> list[Contribution]:
-        norms = [l2_norm(c.delta) for c in contributions]
+    def __call__(self, specs: Sequence[TensorSpec], contributions: Sequence[Contribution],
+                 deltas: Sequence[Mapping[str, torch.Tensor]], fragment: int) -> tuple[dict[str, torch.Tensor],
+                                                                                     dict[str, Any]]:
+        """g for the fragment from the contributions' decoded ``deltas`` (in the same order), and
+        what the robust steps did (empty when both are off: then g is the weighted mean, the same
+        bits as the merge's)."""
+        info: dict[str, Any] = {}
+        weights = [c.weight for c in contributions]
+        if self.cfg.clip_update_norm > 0:
+            deltas = self.clip(contributions, deltas, fragment, info)
+        names = [s.name for s in specs]
+        if self.cfg.aggregation == "trimmed_mean" and len(contributions) >= MIN_TRIMMED:
+            info["aggregation"] = "trimmed_mean"
+            return trimmed_mean_tensors(deltas, weights, names, self.cfg.trim_fraction), info
+        total = WeightedSum(specs)
+        for d, w in zip(deltas, weights, strict=True):
+            total.add_tensors(d, w)
+        return total.mean(), info
+
+    def clip(self, contributions: Sequence[Contribution], deltas: Sequence[Mapping[str, torch.Tensor]],
+             fragment: int, info: dict[str, Any]) -> list[Mapping[str, torch.Tensor]]:
+        norms = [l2_norm(d) for d in deltas]
         bound = self.cfg.clip_update_norm * statistics.median([*self.norms[fragment], *norms])
         self.norms[fragment].extend(norms)
         scales = clip_scales(norms, bound)
         info["clip_bound"] = bound
         info["clipped"] = {c.island_id: s for c, s in zip(contributions, scales, strict=True) if s < 1}
-        return [c if s == 1 else replace(c, delta={n: t * s for n, t in c.delta.items()})
-                for c, s in zip(contributions, scales, strict=True)]
+        return [d if s == 1 else {n: t * s for n, t in d.items()} for d, s in zip(deltas, scales, strict=True)]
 
     def state(self) -> list[list[float]]:
         return [list(d) for d in self.norms]

@@ -1,7 +1,7 @@
 """The coordinator's parameter state: θ_g (fp32 master), θ_b (broadcast copy), outer momentum.
 
 One outer step for one fragment (docs/design.md steps 7 and 9):
-  g   = Σ w_i Δ_i / Σ w_i                       (weighted mean of pseudo-gradients)
+  g   = (Σ w_i Δ_i) / Σ w_i                     (weighted mean: coordinator/merge.py, in key order)
   m  ← μ m + g;  u = g + μ m (Nesterov) or m    (outer SGD, as torch.optim.SGD does it)
   θ_g ← θ_g − lr · u
   δ   = θ_g − θ_b, sent quantized;  θ_b ← θ_b + Q⁻¹(Q(δ))
@@ -22,7 +22,7 @@ from protos.fragments import split_fragments
 
 @dataclass
 class Contribution:
-    """A validated push: the dequantized pseudo-gradient of one fragment and its weight."""
+    """A validated, durable push: where its payload lies (its spill file) and its weight."""
 
     island_id: str
     round: int
@@ -30,11 +30,16 @@ class Contribution:
     base_version: int
     tokens: int
     weight: float
-    delta: dict[str, torch.Tensor]
+    path: str  # the spill file: the payload exactly as it arrived (coordinator/spool.py)
     loss_mean: float
     eval_loss: float
     compute_s: float
     last: bool = False  # the island's last push of its run for this fragment
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The push's at-most-once key, and the order a round sums its pushes in."""
+        return (self.island_id, self.round, self.fragment)
 
 
 class ParamState:
@@ -48,17 +53,6 @@ class ParamState:
 
     def fragment_specs(self, fragment: int) -> list[TensorSpec]:
         return [self.specs[n] for n in self.fragments[fragment]]
-
-    def aggregate(self, contributions: list[Contribution], fragment: int) -> dict[str, torch.Tensor]:
-        """Weighted mean of the contributions' pseudo-gradients."""
-        total = sum(c.weight for c in contributions)
-        out = {}
-        for name in self.fragments[fragment]:
-            acc = torch.zeros_like(self.theta_g[name])
-            for c in contributions:
-                acc.add_(c.delta[name], alpha=c.weight / total)
-            out[name] = acc
-        return out
 
     def outer_step(self, grad: dict[str, torch.Tensor], lr: float, momentum: float,
                    nesterov: bool) -> dict[str, torch.Tensor]:

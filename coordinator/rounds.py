@@ -5,10 +5,11 @@ as received) to `submit`; the engine closes the fragment's round when a quorum o
 the deadline) is reached: aggregate, outer step, divergence guard, quantized broadcast delta,
 persist, notify subscribers.
 
-Durability. A push is acknowledged only once it is durable: `submit` writes its payload to
-`state_dir/spill/` (fsynced) and records it in the state store as pending before it returns. A
-commit then writes the broadcast delta file and (every `checkpoint_every` versions) a checkpoint,
-and records the version, its push keys, their spill statuses, the delta, the checkpoint pointer and
+Durability. A push is acknowledged only once it is durable: its body arrives into a temporary
+file in `state_dir/spill/` (fsynced, coordinator/ingest.py), and `submit` renames it and records it
+in the state store as pending before it returns. The round it completes closes after that, in the
+background: its pushes were being summed meanwhile (coordinator/merge.py). A commit then writes
+the broadcast delta file and (every `checkpoint_every` versions) a checkpoint, and records the version, its push keys, their spill statuses, the delta, the checkpoint pointer and
 the engine's counters in one store transaction. A restarted coordinator (or a standby that took
 over) therefore loads the newest checkpoint, replays the committed versions after it from their
 spilled pushes (checking each replayed delta's sha256 against the recorded one), and re-queues
@@ -26,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import shutil
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,10 @@ from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.guard import Guard, round_loss
 from coordinator.membership import Membership
+from coordinator.merge import RoundMerge, mergeable
 from coordinator.params import Contribution, ParamState
 from coordinator.spool import read_payload, remove, write_payload
-from coordinator.store import Key, Spill, StateStore
+from coordinator.store import Fenced, Key, Spill, StateStore
 from protos.broadcast import l2_norm
 from protos.codec import Payload, decode
 
@@ -70,6 +75,7 @@ class OuterStep:
     step_norm: float  # ‖θ_g after − θ_g before‖₂
     robust: dict[str, Any]  # what robust aggregation did (recorded with the version)
     merge_s: float  # seconds the aggregation itself took (recorded with the version)
+    merged_early: int = 0  # pushes summed before the round closed (the rest at its close)
 
 
 @dataclass
@@ -112,6 +118,11 @@ class RoundEngine:
         # island -> fragments whose last push (PushHeader.last) was applied or refused: an island
         # with all of them finished its run and no longer counts toward quorums.
         self.finished: dict[str, list[int]] = {}
+        self.merges = [RoundMerge(params.fragment_specs(f), self._payload) for f in range(self.num_fragments)]
+        self.received_here: set[Key] = set()  # pushes this process received (and hashed) itself
+        self.closing: set[int] = set()  # fragments whose round is closing now
+        self.on_fenced: Callable[[Fenced], None] = lambda exc: None  # another coordinator took over
+        self._tasks: set[asyncio.Task] = set()
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -168,7 +179,9 @@ class RoundEngine:
         missing = [k for k in keys if k not in spills]
         if missing:
             raise RuntimeError(f"cannot replay version {version}: spilled pushes {missing} are gone")
-        self._outer_step(fragment, [self._contribution(k, spills[k]) for k in keys])
+        generation = self.merges[fragment].reset()
+        self._outer_step(fragment, [self._contribution(k, spills[k]) for k in keys], generation)
+        self.merges[fragment].reset()
         payload, _ = self.params.broadcast_delta(fragment, self.cfg.broadcast_scheme)
         if payload.header["body_sha256"] != row["info"]["delta_sha256"]:
             raise RuntimeError(f"replaying version {version} gave another delta than the one committed "
@@ -179,10 +192,12 @@ class RoundEngine:
         self.replayed += 1
 
     def _contribution(self, key: Key, spill: Spill) -> Contribution:
-        payload = read_payload(spill.path)
-        delta = decode(payload, self.params.fragment_specs(key[2]))
-        return Contribution(key[0], key[1], key[2], spill.base_version, spill.tokens, spill.weight, delta,
+        return Contribution(key[0], key[1], key[2], spill.base_version, spill.tokens, spill.weight, spill.path,
                             spill.loss_mean, spill.eval_loss, spill.compute_s, spill.last)
+
+    def _payload(self, c: Contribution) -> Payload:
+        """A pending push's payload from its spill file; hashed again unless this process received it."""
+        return read_payload(c.path, verify_sha256=c.key not in self.received_here)
 
     def _write_checkpoint(self, version: int | None = None, rounds: list[int] | None = None,
                           fragment_versions: list[int] | None = None) -> Path:
@@ -229,8 +244,19 @@ class RoundEngine:
 
     # ---- rounds ---------------------------------------------------------------------------------
 
-    async def submit(self, contribution: Contribution, payload: Payload, timeline: int) -> int:
-        """Make a validated push durable and queue it; close the round if that completes a quorum.
+    def spill_path(self, key: Key) -> Path:
+        island, round_, fragment = key
+        return self.spill_dir / quote(island, safe="") / f"r{round_:012d}-f{fragment:04d}-t{self.timeline}.bin"
+
+    def temp_path(self, key: Key) -> Path:
+        """Where a push's body is received (in the folder of its spill file, so that `submit` can
+        rename it); unique per stream."""
+        path = self.spill_path(key)
+        return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+    async def submit(self, contribution: Contribution, timeline: int) -> int:
+        """Make a validated push durable and queue it (its body is fsynced at ``contribution.path``,
+        a `temp_path`); the version now. A round it completes closes after this returns.
 
         Admission is checked again under the lock (`admit` raises the refusal): while the push
         streamed, versions may have committed, a rollback may have happened, or the same push may
@@ -239,21 +265,61 @@ class RoundEngine:
         async with self.lock:
             claim = PushClaim(contribution.island_id, contribution.round, contribution.fragment,
                               contribution.base_version, timeline)
-            admit(claim, self, self.cfg.staleness_limit)
-            key = claim.key
-            await asyncio.to_thread(self._spill, key, contribution, payload)
-            if not self.pending[contribution.fragment]:  # the deadline runs from the round's first push
-                self.opened_at[contribution.fragment] = time.monotonic()
-            self.pending[contribution.fragment][key] = contribution
-            await self._maybe_close(contribution.fragment)
+            try:
+                admit(claim, self, self.cfg.staleness_limit)
+            except BaseException:
+                Path(contribution.path).unlink(missing_ok=True)
+                raise
+            key, c = claim.key, contribution
+            path = self.spill_path(key)
+            os.replace(c.path, path)
+            c.path = str(path)
+            self.store.add_pending(key, Spill(time.time_ns(), str(path), c.base_version, c.tokens, c.weight,
+                                              c.loss_mean, c.eval_loss, c.compute_s, last=c.last))
+            self.received_here.add(key)
+            if not self.pending[c.fragment]:  # the deadline runs from the round's first push
+                self.opened_at[c.fragment] = time.monotonic()
+            self.pending[c.fragment][key] = c
+            self._spawn(self._merge_ahead(c.fragment))
+            if self._ready(c.fragment):
+                self.closing.add(c.fragment)
+                self._spawn(self._close_soon(c.fragment))
             return self.version
 
-    def _spill(self, key: Key, c: Contribution, payload: Payload) -> None:
-        island, round_, fragment = key
-        path = self.spill_dir / quote(island, safe="") / f"r{round_:012d}-f{fragment:04d}-t{self.timeline}.bin"
-        write_payload(path, payload)
-        self.store.add_pending(key, Spill(time.time_ns(), str(path), c.base_version, c.tokens, c.weight,
-                                          c.loss_mean, c.eval_loss, c.compute_s, last=c.last))
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        if isinstance(exc := task.exception(), Fenced):
+            self.on_fenced(exc)
+        elif exc is not None:
+            log.error("round engine background task failed", exc_info=exc)
+
+    async def _merge_ahead(self, fragment: int) -> None:
+        """Sum the open round's pushes that are next in key order (coordinator/merge.py)."""
+        expected = set(self.membership.live()) - self.done_islands()
+        keys = mergeable(sorted(self.pending[fragment]), expected)
+        merge = self.merges[fragment]
+        if len(keys) > len(merge.keys):
+            target = [self.pending[fragment][k] for k in keys]
+            await asyncio.to_thread(merge.extend, target, merge.generation)
+
+    async def _close_soon(self, fragment: int) -> None:
+        try:
+            async with self.lock:
+                await self._maybe_close(fragment)
+        finally:
+            self.closing.discard(fragment)  # also when another call closed the round first
+
+    async def drain(self) -> None:
+        """Wait for the closes and merges already started (before shutting down)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _ready(self, fragment: int) -> bool:
         pending = self.pending[fragment]
@@ -275,7 +341,12 @@ class RoundEngine:
 
     async def _maybe_close(self, fragment: int) -> None:
         if self._ready(fragment):
-            for event in await asyncio.to_thread(self._close, fragment):
+            self.closing.add(fragment)
+            try:
+                events = await asyncio.to_thread(self._close, fragment)
+            finally:
+                self.closing.discard(fragment)
+            for event in events:
                 self.publish(event)
 
     async def tick(self) -> None:
@@ -290,16 +361,25 @@ class RoundEngine:
             for fragment in range(self.num_fragments):
                 await self._maybe_close(fragment)
 
-    def _outer_step(self, fragment: int, contributions: list[Contribution]) -> OuterStep:
-        """Aggregate and step θ_g in place (docs/design.md, step 7)."""
+    def _outer_step(self, fragment: int, contributions: list[Contribution], generation: int) -> OuterStep:
+        """Aggregate and step θ_g in place (docs/design.md, step 7): the weighted mean from the
+        round's merge, or, with robust aggregation, from every push decoded."""
         saved = self.params.save_fragment(fragment)
         norms_before = self.aggregator.state()
-        start = time.perf_counter()
-        grad, robust = self.aggregator(self.params, contributions, fragment)
-        merge_s = time.perf_counter() - start
+        merge = self.merges[fragment]
+        merged_early = len(merge.keys)
+        if self.aggregator.robust:
+            start = time.perf_counter()
+            specs = self.params.fragment_specs(fragment)
+            deltas = [decode(self._payload(c), specs, verify_sha256=False) for c in contributions]
+            grad, robust = self.aggregator(specs, contributions, deltas, fragment)
+            merge_s = time.perf_counter() - start
+        else:
+            grad, robust = merge.mean(contributions, generation), {}
+            merge_s = merge.seconds
         stepped = self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
         step_norm = l2_norm({n: stepped[n] - saved["theta_g"][n] for n in stepped})
-        return OuterStep(saved, norms_before, grad, stepped, step_norm, robust, merge_s)
+        return OuterStep(saved, norms_before, grad, stepped, step_norm, robust, merge_s, merged_early)
 
     def _close(self, fragment: int) -> list[RoundEvent]:
         # In key order, not arrival order: the weighted sum's float rounding depends on the order of
@@ -307,7 +387,11 @@ class RoundEngine:
         keys = sorted(self.pending[fragment])
         contributions = [self.pending[fragment][k] for k in keys]
         round_ = self.rounds[fragment]
-        step = self._outer_step(fragment, contributions)
+        try:
+            step = self._outer_step(fragment, contributions, self.merges[fragment].generation)
+        finally:
+            self.merges[fragment].reset()
+        self.received_here.difference_update(keys)  # applied or refused now: never read again here
         loss = round_loss([(c.loss_mean, c.eval_loss) for c in contributions])
         reason = self.guard.check(fragment, step.grad, step.stepped, step.step_norm, loss)
         if reason is not None:
@@ -331,7 +415,7 @@ class RoundEngine:
                 "eval_loss": _mean([c.eval_loss for c in contributions]),
                 "staleness": [version - 1 - c.base_version for c in contributions],
                 "delta_sha256": payload.header["body_sha256"], "timeline": self.timeline,
-                "merge_s": step.merge_s, "time": time.time(), **step.robust}
+                "merge_s": step.merge_s, "merged_early": step.merged_early, "time": time.time(), **step.robust}
         delta_path = write_payload(self.delta_dir / f"v{version:012d}-t{self.timeline}.bin", payload)
         checkpoint = None
         if self.cfg.checkpoint_every and version % self.cfg.checkpoint_every == 0:
@@ -399,7 +483,10 @@ class RoundEngine:
         self.rounds = [r + 1 for r in rounds]  # round numbers never go back: push keys stay unique
         self.timeline += 1
         discarded = [list(k) for p in self.pending for k in p]
+        self.received_here.clear()
         self.pending = [{} for _ in range(self.num_fragments)]
+        for merge in self.merges:
+            merge.reset()
         self.opened_at = [time.monotonic()] * self.num_fragments
         self.deltas.clear()
         self.guard.refusals = 0

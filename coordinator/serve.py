@@ -27,6 +27,8 @@ from protos import archipelago_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT_S = 60.0
+
 
 def grpc_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
     """Message limits for both ends; without them an oversized message surfaces as INTERNAL."""
@@ -108,6 +110,10 @@ async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event |
         if watcher is not None:
             watcher.cancel()
         await server.stop(grace=0.0 if coord.lost_leadership else 1.0)
+        try:  # a round closing in the background finishes its commit before the store closes
+            await asyncio.wait_for(coord.engine.drain(), timeout=DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("rounds still closing after %.0fs; stopping without them", DRAIN_TIMEOUT_S)
         coord.store.close()
         if election is not None:
             if not coord.lost_leadership:

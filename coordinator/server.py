@@ -23,8 +23,9 @@ import torch
 
 from archipelago.checkpoint import read_checkpoint
 from archipelago.errors import UserError
-from coordinator.admission import NoSuchCheckpoint, PushClaim, Refused, admit, check_pseudo_gradient
+from coordinator.admission import NoSuchCheckpoint, PushClaim, Refused, admit, check_push_fields
 from coordinator.config import CoordinatorConfig
+from coordinator.ingest import BodyWriter, check_body, receive_body
 from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
 from coordinator.metrics import Metrics
 from coordinator.params import Contribution, ParamState
@@ -33,8 +34,9 @@ from coordinator.store import Fenced, StateStore, sqlite_store
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
-from protos.codec import CodecError, Payload, decode
-from protos.framing import Assembler, FramingError, check_codec_header, frame
+from protos.codec import CodecError, check_header
+from protos.framing import FramingError, check_codec_header, check_frame, check_push_codec_header, frame
+from protos.quant import compile_in_background, kernel_states
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class Coordinator:
         run_meta = {"config_hash": self.config_hash, "model": manifest.get("model"),
                     "fragments": int(manifest["fragments"]), "tensor_names": manifest["tensor_names"]}
         self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
+        self.engine.on_fenced = self.fenced
+        compile_in_background(cfg.broadcast_scheme)  # the merge's kernels come with each push's scheme
         self.resumed = self.engine.restore()
         if not self.resumed:
             self.engine.checkpoint()
@@ -130,6 +134,8 @@ class Coordinator:
                   "timeline": self.engine.timeline, "config_hash": self.config_hash, "resumed": self.resumed,
                   "replayed_versions": self.engine.replayed,
                   "pending_pushes": sum(len(p) for p in self.engine.pending),
+                  "closing_fragments": sorted(self.engine.closing),
+                  "codec_kernels": kernel_states(),
                   "live_islands": self.membership.live(), "finished_islands": sorted(done),
                   "last_checkpoint": latest[1] if latest else None,
                   "checkpoints": sorted(self.store.checkpoints()),
@@ -217,12 +223,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield message
 
     async def PushPseudoGrad(self, request_iterator, context) -> pb.PushReply:
+        """Acknowledged once durable (spilled, recorded pending): the round it completes closes after
+        the reply, and islands hear of the commit as a COMMITTED event (docs/design.md step 6)."""
         c = self.c
         try:
-            contribution, member, nbytes, payload, timeline = await self._receive_push(request_iterator)
+            contribution, member, nbytes, timeline = await self._receive_push(request_iterator)
             open_round = c.engine.rounds[contribution.fragment]
             try:
-                version = await c.engine.submit(contribution, payload, timeline)
+                version = await c.engine.submit(contribution, timeline)
             except Fenced as exc:
                 raise c.fenced(exc) from exc
         except Refused as exc:
@@ -239,8 +247,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PushReply(accepted=True, round=contribution.round, version=version,
                             message=f"accepted for fragment {contribution.fragment}{late}")
 
-    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int, Payload, int]:
-        """Read one push: lease, header, admission, then the chunks, the body and its checks."""
+    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int, int]:
+        """Read one push: lease, header, admission, then the body into its spill file, checked."""
         c = self.c
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -251,24 +259,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             check_codec_header(h)
             claim = PushClaim(member.island_id, h.round, h.fragment, h.base_version, h.timeline)
             staleness = admit(claim, c.engine, c.cfg.staleness_limit)
-            assembler = Assembler(h, c.cfg.chunk_bytes, c.cfg.max_payload_bytes)
-            received = first.ByteSize()
-            async for part in request_iterator:
-                if part.WhichOneof("part") != "chunk":
-                    raise Refused("a push carries one PushHeader, then only chunks")
-                received += part.ByteSize()
-                assembler.add(part.chunk)
-            payload = assembler.payload()
+            check_push_fields(h.tokens)
+            check_frame(h, c.cfg.chunk_bytes, c.cfg.max_payload_bytes)
+            codec_header = check_push_codec_header(h)
+            compile_in_background(codec_header["scheme"])
+            specs = c.params.fragment_specs(h.fragment)
+            check_header(codec_header, specs)
+            writer = BodyWriter(c.engine.temp_path(claim.key), h, codec_header)
+            received = first.ByteSize() + await receive_body(writer, request_iterator)
         except FramingError as exc:
             raise Refused(str(exc), exc.code) from exc
-        try:
-            delta = await asyncio.to_thread(decode, payload, c.params.fragment_specs(h.fragment))
         except CodecError as exc:
             raise Refused(f"payload refused: {exc}") from exc
-        check_pseudo_gradient(delta, h.tokens, c.cfg.max_update_norm)
+        try:
+            await asyncio.to_thread(check_body, writer.tmp, specs, c.cfg.max_update_norm)
+        except BaseException:
+            writer.tmp.unlink(missing_ok=True)
+            raise
         weight = h.tokens * (c.cfg.staleness_discount ** staleness)
-        return (Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight, delta,
-                             h.loss_mean, h.eval_loss, h.compute_s, h.last), member, received, payload, h.timeline)
+        return (Contribution(member.island_id, h.round, h.fragment, h.base_version, h.tokens, weight,
+                             str(writer.tmp), h.loss_mean, h.eval_loss, h.compute_s, h.last),
+                member, received, h.timeline)
 
     async def Subscribe(self, request: pb.SubscribeRequest, context) -> AsyncIterator[pb.Event]:
         c = self.c

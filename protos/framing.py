@@ -106,6 +106,37 @@ def check_codec_header(header: Any) -> None:
         raise FramingError("DATA_LOSS", "the push's codec header fails its crc32 check (corrupted in transit)")
 
 
+def check_frame(header: Any, chunk_bytes: int | None = None, max_payload_bytes: int | None = None) -> None:
+    """A header's body length and chunk count against the receiver's own limits (see `Assembler`),
+    before a single chunk is read."""
+    if max_payload_bytes is not None and header.body_len > max_payload_bytes:
+        raise FramingError("RESOURCE_EXHAUSTED", f"payload of {header.body_len} bytes exceeds the limit of "
+                           f"{max_payload_bytes}")
+    if chunk_bytes is not None:
+        expected = -(-header.body_len // chunk_bytes)
+        if header.num_chunks != expected:
+            raise FramingError("INVALID_ARGUMENT", f"{header.num_chunks} chunks do not fit a body of "
+                               f"{header.body_len} bytes in chunks of {chunk_bytes} bytes (expected {expected})")
+
+
+def check_push_codec_header(header: Any) -> dict[str, Any]:
+    """A push header's codec header, parsed and checked against the push header's own fields (scheme,
+    body length and sha256) before the body is read: the one hash computed while it arrives
+    then vouches for both."""
+    try:
+        codec = Payload.from_header_bytes(header.codec_header, b"").header
+    except CodecError as exc:
+        raise FramingError("INVALID_ARGUMENT", f"payload refused: {exc}") from exc
+    if header.scheme and codec["scheme"] != header.scheme:
+        raise FramingError("INVALID_ARGUMENT", f"payload refused: codec header scheme {codec['scheme']!r} differs "
+                           f"from the push header's {header.scheme!r}")
+    if codec["body_len"] != header.body_len or codec["body_sha256"] != header.body_sha256:
+        raise FramingError("INVALID_ARGUMENT", "payload refused: the codec header's body_len/body_sha256 "
+                           f"({codec['body_len']}, {codec['body_sha256']}) differ from the push header's "
+                           f"({header.body_len}, {header.body_sha256})")
+    return codec
+
+
 class Assembler:
     """Collects the chunks of one framed payload (see the module docstring for what it checks).
 
@@ -115,14 +146,7 @@ class Assembler:
 
     def __init__(self, header: Any, chunk_bytes: int | None = None, max_payload_bytes: int | None = None) -> None:
         self.header = header
-        if max_payload_bytes is not None and header.body_len > max_payload_bytes:
-            raise FramingError("RESOURCE_EXHAUSTED", f"payload of {header.body_len} bytes exceeds the limit of "
-                               f"{max_payload_bytes}")
-        if chunk_bytes is not None:
-            expected = -(-header.body_len // chunk_bytes)
-            if header.num_chunks != expected:
-                raise FramingError("INVALID_ARGUMENT", f"{header.num_chunks} chunks do not fit a body of "
-                                   f"{header.body_len} bytes in chunks of {chunk_bytes} bytes (expected {expected})")
+        check_frame(header, chunk_bytes, max_payload_bytes)
         self.chunks: list[bytes] = []
         self.body_bytes = 0
 

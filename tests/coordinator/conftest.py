@@ -248,10 +248,28 @@ class CoordinatorHarness:
             parts.append(pb.PushPart(chunk=pb.Chunk(index=c.index, data=data, crc32=crc)))
         return parts
 
-    def send(self, parts: Iterable[pb.PushPart], channel: grpc.Channel | None = None) -> pb.PushReply:
-        """Stream ``parts`` as one PushPseudoGrad call."""
+    def send(self, parts: Iterable[pb.PushPart], channel: grpc.Channel | None = None,
+             settle: bool = True) -> pb.PushReply:
+        """Stream ``parts`` as one PushPseudoGrad call. The coordinator acknowledges a push once it
+        is durable and closes the round it completed afterwards; with ``settle`` this waits for
+        that close and returns the reply with ``version`` set to the version after it, which is
+        what the tests assert."""
         messages: Iterator[pb.PushPart] = iter(list(parts))
-        return self.stub(channel).PushPseudoGrad(messages, timeout=RPC_TIMEOUT_S)
+        reply = self.stub(channel).PushPseudoGrad(messages, timeout=RPC_TIMEOUT_S)
+        if settle:
+            reply.version = self.settle()
+        return reply
+
+    def settle(self) -> int:
+        """Wait until no round is closing (bounded); the version then."""
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while True:
+            st = self.admin_status()
+            if not json.loads(st.json)["closing_fragments"]:
+                return st.version
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a round was still closing after {RPC_TIMEOUT_S}s")
+            time.sleep(0.01)
 
     def push(self, lease: pb.Lease, fragment: int = 0, round: int = 0, base_version: int = 0,
              tensors: dict[str, torch.Tensor] | None = None, scheme: str = "int8-block", tokens: int = 1024,

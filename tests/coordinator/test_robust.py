@@ -19,6 +19,7 @@ from island.diloco import DiLoCoClient
 from island.job import load_job, open_client
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
+from protos.accumulate import WeightedSum
 from protos.broadcast import digest, l2_norm
 from tests.coordinator.conftest import SMALL, TOKENS, CoordinatorHarness
 
@@ -55,8 +56,22 @@ def test_trimmed_mean_of_tensors_matches_a_brute_force_per_coordinate(monkeypatc
 
 def contributions(deltas: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> list[Contribution]:
     weights = weights or [1.0] * len(deltas)
-    return [Contribution(f"island-{i}", 0, 0, 0, 100, w, d, 3.0, math.nan, 1.0)
-            for i, (d, w) in enumerate(zip(deltas, weights, strict=True))]
+    return [Contribution(f"island-{i}", 0, 0, 0, 100, w, "", 3.0, math.nan, 1.0)
+            for i, (_, w) in enumerate(zip(deltas, weights, strict=True))]
+
+
+def robust(agg: Aggregator, params: ParamState, deltas: list[dict[str, torch.Tensor]],
+              weights: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    return agg(params.fragment_specs(0), contributions(deltas, weights), deltas, 0)
+
+
+def weighted_mean(params: ParamState, deltas: list[dict[str, torch.Tensor]],
+                  weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """What the round engine's merge gives (coordinator/merge.py)."""
+    total = WeightedSum(params.fragment_specs(0))
+    for d, w in zip(deltas, weights or [1.0] * len(deltas), strict=True):
+        total.add_tensors(d, w)
+    return total.mean()
 
 
 def honest_and_garbage(seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -76,7 +91,7 @@ def test_a_garbage_contribution_with_a_huge_norm_is_clipped_to_a_multiple_of_the
     params = ParamState(theta, num_fragments=1)
     norms = [l2_norm(d) for d in deltas]
     agg = Aggregator(CoordinatorConfig(clip_update_norm=2.0), num_fragments=1)
-    grad, info = agg(params, contributions(deltas), 0)
+    grad, info = robust(agg, params, deltas)
     bound = 2.0 * (sorted(norms)[1] + sorted(norms)[2]) / 2  # median of 4: mean of the middle two
     assert info["clip_bound"] == pytest.approx(bound)
     assert set(info["clipped"]) == {"island-3"}
@@ -89,7 +104,7 @@ def test_a_garbage_contribution_with_a_huge_norm_is_clipped_to_a_multiple_of_the
     assert list(agg.norms[0]) == norms  # the window keeps the norms as pushed
 
     # Later rounds measure against the window: a lone garbage push is clipped even in a round of one.
-    _, info = agg(params, contributions(deltas[3:]), 0)
+    _, info = robust(agg, params, deltas[3:])
     assert info["clipped"] == {"island-0": pytest.approx(info["clip_bound"] / norms[3])}
 
 
@@ -97,9 +112,9 @@ def test_trimmed_mean_with_clipping_leaves_the_garbage_out():
     theta, deltas = honest_and_garbage()
     params = ParamState(theta, num_fragments=1)
     agg = Aggregator(CoordinatorConfig(aggregation="trimmed_mean", clip_update_norm=2.0), num_fragments=1)
-    grad, info = agg(params, contributions(deltas), 0)
+    grad, info = robust(agg, params, deltas)
     assert info["aggregation"] == "trimmed_mean"
-    honest_mean = params.aggregate(contributions(deltas[:3]), 0)
+    honest_mean = weighted_mean(params, deltas[:3])
     assert l2_norm({n: grad[n] - honest_mean[n] for n in theta}) < l2_norm(honest_mean)
 
 
@@ -107,12 +122,14 @@ def test_defaults_are_the_weighted_mean_bit_for_bit():
     theta, deltas = honest_and_garbage()
     params = ParamState(theta, num_fragments=1)
     weights = [3.0, 1.0, 0.5, 2.0]
-    four, three = contributions(deltas, weights), contributions(deltas[:3], weights[:3])
-    grad, info = Aggregator(CoordinatorConfig(), 1)(params, four, 0)
-    assert info == {} and all(torch.equal(grad[k], params.aggregate(four, 0)[k]) for k in theta)
+    grad, info = robust(Aggregator(CoordinatorConfig(), 1), params, deltas, weights)
+    want = weighted_mean(params, deltas, weights)
+    assert info == {} and all(torch.equal(grad[k], want[k]) for k in theta)
     # the trimmed mean needs 4 contributions: with 3 it is the weighted mean
-    grad, info = Aggregator(CoordinatorConfig(aggregation="trimmed_mean"), 1)(params, three, 0)
-    assert info == {} and all(torch.equal(grad[k], params.aggregate(three, 0)[k]) for k in theta)
+    grad, info = robust(Aggregator(CoordinatorConfig(aggregation="trimmed_mean"), 1), params, deltas[:3],
+                           weights[:3])
+    want = weighted_mean(params, deltas[:3], weights[:3])
+    assert info == {} and all(torch.equal(grad[k], want[k]) for k in theta)
 
 
 def test_robust_aggregation_config_errors_name_the_field():

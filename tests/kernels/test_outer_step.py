@@ -1,5 +1,5 @@
-"""Fused outer step: the twin is `coordinator.params.ParamState`'s aggregate + outer_step bit for
-bit; the Triton kernel matches the twin within fp32 rounding (torch's ``add(alpha=)`` may fuse a
+"""Fused outer step: the twin is the coordinator's weighted sum (`protos.accumulate.WeightedSum`) +
+`coordinator.params.ParamState.outer_step` bit for bit; the Triton kernel matches the twin within fp32 rounding (torch's ``add(alpha=)`` may fuse a
 multiply-add that the kernel, compiled without FMA fusion, rounds twice)."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.params import Contribution, ParamState
+from coordinator.params import ParamState
 from kernels import outer_step as ko
+from protos.accumulate import WeightedSum
 
 WEIGHTS = [3.0, 1.0, 0.5]
 SHAPE = (37, 101)  # 3737 elements: not a multiple of the 2048-element tile
@@ -25,10 +26,11 @@ def test_reference_is_bit_identical_to_the_coordinator(mu: float, nesterov: bool
     theta, mom, deltas = _state(0)
     ps = ParamState({"w": theta}, num_fragments=1)
     ps.momentum["w"].copy_(mom)
-    contributions = [Contribution(f"i{i}", 0, 0, 0, 1, w, {"w": deltas[i]}, 0.0, 0.0, 0.0)
-                     for i, w in enumerate(WEIGHTS)]
     for _ in range(3):  # momentum carries across steps
-        ps.outer_step(ps.aggregate(contributions, 0), lr=0.7, momentum=mu, nesterov=nesterov)
+        total = WeightedSum(ps.fragment_specs(0))
+        for d, w in zip(deltas, WEIGHTS, strict=True):
+            total.add_tensors({"w": d}, w)
+        ps.outer_step(total.mean(), lr=0.7, momentum=mu, nesterov=nesterov)
     t, m = theta.clone(), mom.clone()
     for _ in range(3):
         ko.fused_outer_step(t, m, deltas, WEIGHTS, 0.7, mu, nesterov)

@@ -74,3 +74,16 @@ def test_a_payload_that_does_not_fit_is_refused_and_adds_nothing():
     with pytest.raises(CodecError, match="sha256"):
         total.add(corrupt, 1.0)
     assert total.count == 0 and total.weight == 0 and not total.flat.any()
+
+
+def test_the_mean_is_the_weighted_mean_to_a_few_ulps():
+    values = [tensors(k, 1e-3) for k in range(5)]
+    weights = [51200.0, 51200.0, 25600.0, 1024.0, 3.5]
+    total = WeightedSum(SPECS)
+    for v, w in zip(values, weights, strict=True):
+        total.add(encode(v, "fp32"), w)
+    mean = total.mean()
+    for spec in SPECS:
+        terms = [v[spec.name].double() * w / sum(weights) for v, w in zip(values, weights, strict=True)]
+        exact, size = sum(terms), sum(t.abs() for t in terms)  # rounding scales with the terms, not the sum
+        assert ((mean[spec.name].double() - exact).abs() <= 8 * 2.0**-24 * size).all()
