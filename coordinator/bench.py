@@ -7,10 +7,11 @@ set of ``--params`` elements; default the tiny preset's model) and pull the oute
 produced. Nothing is trained: what is measured is the coordinator's side of a round.
 
     round latency     first push sent → every island has pulled the new version's delta
-    commit latency    first push sent → the last push's reply (the round is committed by then)
-    ingest_wire_MBps  islands × push bytes on the wire / commit latency (first push byte → last ack)
-    merge_MBps        islands × params × 4 bytes / the time the coordinator's aggregation itself
-                      took (it records `merge_s` with each version; read back over Admin.Status)
+    ingest latency    first push sent → the last push's acknowledgement (every push durable)
+    commit latency    first push sent → the COMMITTED event of the round's version
+    ingest_wire_MBps  islands × push bytes on the wire / ingest latency (first push byte → last ack)
+    merge_MBps        islands × params × 4 bytes / the time the coordinator's merge itself took
+                      (it records `merge_s` with each version; read back over Admin.Status)
     aggregation MB/s  islands × params × 4 bytes (the fp32 pseudo-gradients merged) / commit latency
     memcpy MB/s       `Tensor.copy_` of one fp32 tensor set of the same size, in this run, for scale
     spill_MBps        fsynced write rate of a scratch file on the disk (`--disk-dir`), and
@@ -18,6 +19,10 @@ produced. Nothing is trained: what is measured is the coordinator's side of a ro
                       on tmpfs, the disk is not what the other figures measure)
 
 Rounds per second count the measured rounds (after ``--warmup``) over their total round latency.
+The measured rounds start once the coordinator's codec kernels for the scheme are compiled (it
+compiles them on a background thread when it first sees the scheme; `codec_kernels` in the JSON).
+`rss_MB` is the coordinator process's resident memory after each round (from /proc), and
+`rss_growth_last_100` its relative growth over the last 100 rounds (over all of them if fewer).
 """
 
 from __future__ import annotations
@@ -145,12 +150,30 @@ class CoordinatorProcess:
     def wait_address(self, timeout_s: float) -> str:
         return wait_for_file(self.address_file, self.proc, timeout_s, name="the coordinator", tail=self.tail)
 
-    def merge_seconds(self, address: str) -> dict[int, float]:
-        """`merge_s` of every version the coordinator still lists in its history."""
+    def status(self, address: str) -> dict[str, Any]:
         with grpc.insecure_channel(address) as channel:
             reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=self.credential), timeout=30)
-        history = json.loads(reply.json)["history"]
-        return {e["version"]: e["merge_s"] for e in history if e.get("kind") == "committed" and "merge_s" in e}
+        return json.loads(reply.json)
+
+    def merges(self, address: str) -> dict[int, dict[str, Any]]:
+        """The history entry of every committed version the coordinator still lists."""
+        return {e["version"]: e for e in self.status(address)["history"] if e.get("kind") == "committed"}
+
+    def wait_kernels(self, address: str, scheme: str, timeout_s: float) -> dict[str, Any]:
+        """Wait until the coordinator's kernels of ``scheme`` are compiled (or known not to be); their states."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = {k: v for k, v in self.status(address)["codec_kernels"].items() if k.startswith(f"{scheme}/")}
+            if all(v["state"] in ("ready", "failed", "never") for v in states.values()) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.2)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the coordinator process now, MB (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e6
+        return float("nan")
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -199,6 +222,12 @@ class FakeIsland:
 
         return await self.stub.PushPseudoGrad(parts(), timeout=timeout_s)
 
+    async def committed(self, events: asyncio.Queue) -> None:
+        """Put every COMMITTED event's version on ``events`` (until cancelled)."""
+        async for event in self.stub.Subscribe(pb.SubscribeRequest(lease=self.lease)):
+            if event.kind == pb.Event.COMMITTED:
+                events.put_nowait(event.version)
+
     async def pull(self, since: int, timeout_s: float) -> None:
         async for part in self.stub.PullParams(pb.PullRequest(lease=self.lease, since_version=since),
                                                timeout=timeout_s):
@@ -209,7 +238,7 @@ class FakeIsland:
 
 
 async def drive(bench: BenchConfig, cfg: CoordinatorConfig, address: str, tokens: dict[str, str], config_hash: str,
-                payloads: list[Payload]) -> dict[str, Any]:
+                payloads: list[Payload], coordinator: CoordinatorProcess) -> dict[str, Any]:
     """Register every island, run warmup + measured rounds, and time them."""
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.max_receive_message_length", cfg.max_message_bytes)]
@@ -217,30 +246,44 @@ async def drive(bench: BenchConfig, cfg: CoordinatorConfig, address: str, tokens
     chunks = [[pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
                for c in split_chunks(p.body, cfg.chunk_bytes)] for p in payloads]
     rounds: list[dict[str, float]] = []
+    kernels: dict[str, Any] = {}
+    events: asyncio.Queue[int] = asyncio.Queue()
+    listener = None
     try:
         versions = await asyncio.gather(*(i.register(config_hash) for i in islands))
         version = max(versions)
+        listener = asyncio.create_task(islands[0].committed(events))
         total = bench.warmup + bench.rounds
         with progress() as bar:
             task = bar.add_task(f"{bench.islands} islands", total=total, info="")
             for r in range(total):
+                if r == bench.warmup:
+                    kernels = await asyncio.to_thread(coordinator.wait_kernels, address, bench.scheme,
+                                                      bench.timeout_s)
                 start = time.perf_counter()
-                replies = await asyncio.gather(*(
+                await asyncio.gather(*(
                     island.push(payloads[k % len(payloads)], chunks[k % len(chunks)], r, version, 1024,
                                 bench.timeout_s) for k, island in enumerate(islands)))
+                acked = time.perf_counter()
+                while (committed_version := await asyncio.wait_for(events.get(), bench.timeout_s)) <= version:
+                    pass
                 committed = time.perf_counter()
-                if max(reply.version for reply in replies) != version + 1:
-                    raise RuntimeError(f"round {r} did not commit version {version + 1}: "
-                                       f"{sorted({reply.version for reply in replies})}")
+                if committed_version != version + 1:
+                    raise RuntimeError(f"round {r} committed version {committed_version}, not {version + 1}")
                 await asyncio.gather(*(island.pull(version, bench.timeout_s) for island in islands))
                 pulled = time.perf_counter()
                 version += 1
-                rounds.append({"round": r, "warmup": r < bench.warmup, "commit_s": committed - start,
-                               "round_s": pulled - start})
+                rounds.append({"round": r, "warmup": r < bench.warmup, "ingest_s": acked - start,
+                               "commit_s": committed - start, "round_s": pulled - start,
+                               "rss_MB": coordinator.rss_mb()})
                 bar.update(task, completed=r + 1, info=f"{pulled - start:.2f}s")
     finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
         await asyncio.gather(*(i.close() for i in islands))
-    return {"rounds": rounds, "bytes_pulled_per_island": islands[0].bytes_pulled, "final_version": version}
+    return {"rounds": rounds, "bytes_pulled_per_island": islands[0].bytes_pulled, "final_version": version,
+            "codec_kernels": kernels}
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
@@ -266,8 +309,8 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     address = None
     try:
         address = coordinator.wait_address(START_TIMEOUT_S)
-        driven = asyncio.run(drive(bench, cfg, address, tokens, config_hash, payloads))
-        merge_of = coordinator.merge_seconds(address)
+        driven = asyncio.run(drive(bench, cfg, address, tokens, config_hash, payloads, coordinator))
+        history = coordinator.merges(address)
     finally:
         coordinator.stop(address)
     spill_state = fsync_write_mbps(workdir / "coordinator", bench.spill_bytes)
@@ -276,26 +319,34 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     measured = [r for r in driven["rounds"] if not r["warmup"]]
     round_s = [r["round_s"] for r in measured]
     commit_s = [r["commit_s"] for r in measured]
+    ingest_s = [r["ingest_s"] for r in measured]
     fp32_mb = bench.params * 4 / 1e6
     aggregation = bench.islands * fp32_mb / statistics.median(commit_s)
     first_measured = driven["final_version"] - len(measured) + 1
-    merge_s = [s for v, s in sorted(merge_of.items()) if v >= first_measured]
-    if len(merge_s) != len(measured):
-        raise RuntimeError(f"the coordinator's history has merge times for {len(merge_s)} of the {len(measured)} "
-                           "measured versions")
+    entries = [e for v, e in sorted(history.items()) if v >= first_measured]
+    if len(entries) != len(measured):
+        raise RuntimeError(f"the coordinator's history lists {len(entries)} of the {len(measured)} measured versions")
+    merge_s = [e["merge_s"] for e in entries]
     merge = bench.islands * fp32_mb / statistics.median(merge_s)
-    ingest = bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(commit_s)
+    ingest = bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(ingest_s)
+    rss = [r["rss_MB"] for r in driven["rounds"]]
+    last = rss[-100:] if len(rss) > 100 else rss
     return {
         "islands": bench.islands, "params": bench.params, "scheme": bench.scheme, "measured_rounds": len(measured),
         "push_bytes": payload_nbytes(payloads[0]), "fp32_bytes": bench.params * 4,
         "delta_bytes_pulled_per_round": driven["bytes_pulled_per_island"] / len(driven["rounds"]),
         "rounds_per_s": len(round_s) / sum(round_s),
         "round_latency_s": {"p50": percentile(round_s, 50), "p99": percentile(round_s, 99), "all": round_s},
+        "ingest_latency_s": {"p50": percentile(ingest_s, 50), "p99": percentile(ingest_s, 99), "all": ingest_s},
         "commit_latency_s": {"p50": percentile(commit_s, 50), "p99": percentile(commit_s, 99), "all": commit_s},
         "aggregation_MBps": aggregation,
         "ingest_wire_MBps": ingest,
         "merge_MBps": merge,
         "merge_s": {"p50": percentile(merge_s, 50), "all": merge_s},
+        "merged_before_close": [e.get("merged_early") for e in entries],
+        "rss_MB": rss,
+        "rss_growth_last_100": last[-1] / last[0] - 1,
+        "codec_kernels": driven["codec_kernels"],
         "memcpy_MBps": memcpy,
         "aggregation_vs_memcpy": aggregation / memcpy,
         "merge_vs_memcpy": merge / memcpy,
@@ -351,19 +402,24 @@ def main(argv: list[str]) -> int:
                         f"{result['push_bytes'] / 1e6:.2f} MB a push), {result['measured_rounds']} rounds")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    rss = result["rss_MB"]
     rows = [("rounds / s", f"{result['rounds_per_s']:.3f}"),
             ("round latency p50 / p99 (s)", f"{result['round_latency_s']['p50']:.3f} / "
                                             f"{result['round_latency_s']['p99']:.3f}"),
+            ("ingest latency p50 / p99 (s)", f"{result['ingest_latency_s']['p50']:.3f} / "
+                                             f"{result['ingest_latency_s']['p99']:.3f}"),
             ("commit latency p50 / p99 (s)", f"{result['commit_latency_s']['p50']:.3f} / "
                                              f"{result['commit_latency_s']['p99']:.3f}"),
             ("ingest_wire_MBps (first push byte → last ack)", f"{result['ingest_wire_MBps']:.0f}"),
-            ("merge_MBps (fp32, aggregation time only)", f"{result['merge_MBps']:.0f}"),
+            ("merge_MBps (fp32, merge time only)", f"{result['merge_MBps']:.0f}"),
             ("aggregation MB/s (fp32, over the commit latency)", f"{result['aggregation_MBps']:.0f}"),
             ("memcpy MB/s (same size)", f"{result['memcpy_MBps']:.0f}"),
             ("merge / memcpy", f"{result['merge_vs_memcpy']:.4f}"),
             ("aggregation / memcpy", f"{result['aggregation_vs_memcpy']:.4f}"),
             ("spill_MBps (disk, fsynced)", f"{result['spill_MBps']:.0f}"),
-            ("state dir spill MB/s (fsynced)", f"{result['state_dir_spill_MBps']:.0f}")]
+            ("state dir spill MB/s (fsynced)", f"{result['state_dir_spill_MBps']:.0f}"),
+            ("coordinator RSS first / last round (MB)", f"{rss[0]:.0f} / {rss[-1]:.0f}"),
+            ("RSS growth over the last 100 rounds", f"{result['rss_growth_last_100']:+.2%}")]
     for row in rows:
         table.add_row(*row)
     console.print(table)

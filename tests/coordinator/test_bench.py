@@ -24,15 +24,21 @@ def test_a_small_run_writes_every_field(tmp_path, capsys):
     assert report["measured_rounds"] == 2 and len(report["rounds"]) == 3
     assert report["final_version"] == 3  # every round committed exactly one version
     assert report["rounds_per_s"] > 0
-    for latency in ("round_latency_s", "commit_latency_s"):
+    for latency in ("round_latency_s", "commit_latency_s", "ingest_latency_s"):
         assert 0 < report[latency]["p50"] <= report[latency]["p99"] <= max(report[latency]["all"])
+    for r in report["rounds"]:  # acknowledged (durable), then committed, then pulled
+        assert 0 < r["ingest_s"] <= r["commit_s"] <= r["round_s"]
     assert report["aggregation_MBps"] > 0 and report["memcpy_MBps"] > 0
     assert report["aggregation_vs_memcpy"] == pytest.approx(report["aggregation_MBps"] / report["memcpy_MBps"])
     # the merge is part of the commit latency, so it runs at least as fast as the whole round's aggregation
     assert len(report["merge_s"]["all"]) == 2 and report["merge_MBps"] >= report["aggregation_MBps"]
     assert report["merge_vs_memcpy"] == pytest.approx(report["merge_MBps"] / report["memcpy_MBps"])
     assert report["ingest_wire_MBps"] == pytest.approx(
-        3 * report["push_bytes"] / 1e6 / report["commit_latency_s"]["p50"])
+        3 * report["push_bytes"] / 1e6 / report["ingest_latency_s"]["p50"])
+    assert len(report["rss_MB"]) == 3 and all(r > 0 for r in report["rss_MB"])
+    assert report["rss_growth_last_100"] == pytest.approx(report["rss_MB"][-1] / report["rss_MB"][0] - 1)
+    assert len(report["merged_before_close"]) == 2 and all(0 <= m <= 3 for m in report["merged_before_close"])
+    assert report["codec_kernels"] and all(k.startswith("int8-block/") for k in report["codec_kernels"])
     assert report["spill_MBps"] > 0 and report["state_dir_spill_MBps"] > 0
     assert report["disk_dir"] == str((tmp_path / "disk").resolve()) and not list((tmp_path / "disk").iterdir())
     assert 0 < report["push_bytes"] < report["fp32_bytes"] == 20000 * 4
