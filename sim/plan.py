@@ -46,10 +46,11 @@ bytes/s); "fp32-equivalent" counts 4 bytes a parameter whatever the codec.
 
 `--bench FILE` (repeatable) reads the throughputs from `archipelago bench codec --json` (encode
 of the push codec with error feedback, decode of the broadcast codec) and `archipelago bench
-coordinator --json` (merge_MBps; its ingest_wire_MBps spans first push to last ack, the merge
-included, so the merge's time is taken out of it; an older file's aggregation_MBps and
-push_wire_MBps time the same whole commit, read once, as the merge); flags given explicitly
-override it. `--validate` runs the
+coordinator --json` (ingest_wire_MBps, first push byte to last acknowledgement, and merge_MBps;
+a file from before pushes were acknowledged ahead of their round's merge, which has no
+ingest_latency_s, spans the merge in its ingest_wire_MBps, so the merge's time is taken out of
+it; an older file's aggregation_MBps and push_wire_MBps time the same whole commit, read once, as
+the merge); flags given explicitly override it. `--validate` runs the
 preset's simulation (no baseline), takes its measured step time, and prints the prediction next to
 the measurement.
 """
@@ -272,10 +273,12 @@ def read_bench(path: str, codec: str, broadcast_codec: str) -> Bench:
 
 
 def _ingest_without_merge(path: str, data: dict[str, Any], values: dict[str, float]) -> Bench:
-    """The bench's ingest_wire_MBps spans first push byte to last ack, the merge included; the model
-    adds ingest and merge, so take the merge's seconds out: with W wire and X fp32-equivalent bytes
-    a round, ingest = W / (W/ingest_wire_MBps − X/merge_MBps). Needs push_bytes and fp32_bytes."""
-    if not {"ingest_wire_MBps", "merge_MBps"} <= values.keys() or not {"push_bytes", "fp32_bytes"} <= data.keys():
+    """A bench file without ingest_latency_s (from before pushes were acknowledged once durable,
+    ahead of their round's merge) spans the merge in its ingest_wire_MBps; the model adds ingest
+    and merge, so take the merge's seconds out: with W wire and X fp32-equivalent bytes a round,
+    ingest = W / (W/ingest_wire_MBps − X/merge_MBps). Needs push_bytes and fp32_bytes."""
+    if ("ingest_latency_s" in data or not {"ingest_wire_MBps", "merge_MBps"} <= values.keys()
+            or not {"push_bytes", "fp32_bytes"} <= data.keys()):
         return values, []
     wire = _bench_number(path, "push_bytes", data["push_bytes"])
     fp32 = _bench_number(path, "fp32_bytes", data["fp32_bytes"])

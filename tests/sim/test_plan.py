@@ -186,7 +186,13 @@ def test_bench_files_set_the_throughputs_and_flags_override(tmp_path, capsys):
     p = built("--bench", str(old), notes=notes)
     assert (p.merge_MBps, p.ingest_wire_MBps) == (216, math.inf)  # one interval, counted once
     assert len(notes) == 1 and "aggregation_MBps" in notes[0]
-    # as `bench coordinator` writes it: ingest_wire_MBps spans the commit, the merge inside it
+    # as `bench coordinator` writes it now: pushes acknowledged once durable, ingest apart from the merge
+    now = tmp_path / "coordinator-now.json"
+    now.write_text(json.dumps({"push_bytes": 1000, "fp32_bytes": 4000, "ingest_wire_MBps": 50.0,
+                               "merge_MBps": 400.0, "ingest_latency_s": {"p50": 1.0}}))
+    notes = []
+    assert (built("--bench", str(now), notes=notes).ingest_wire_MBps, notes) == (50, [])
+    # as it wrote it before: ingest_wire_MBps spans the commit, the merge inside it
     full = tmp_path / "coordinator-full.json"
     full.write_text(json.dumps({"push_bytes": 1000, "fp32_bytes": 4000, "ingest_wire_MBps": 50.0,
                                 "merge_MBps": 400.0, "aggregation_MBps": 200.0}))
