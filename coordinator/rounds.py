@@ -215,8 +215,9 @@ class RoundEngine:
                 "guard": self.guard.state(), "finished": self.finished}
 
     def done_islands(self) -> set[str]:
-        """Islands whose last push of every fragment is applied or refused: they finished their run."""
-        return {i for i, fragments in self.finished.items() if len(fragments) == self.num_fragments}
+        """Islands whose last push of every fragment (a shard: of every fragment it owns) is applied
+        or refused: they finished their run."""
+        return {i for i, fragments in self.finished.items() if set(fragments) >= set(self.params.owned)}
 
     def _note_finished(self, contributions: list[Contribution]) -> None:
         for c in (c for c in contributions if c.last):
@@ -224,7 +225,7 @@ class RoundEngine:
             if c.fragment not in fragments:
                 fragments.append(c.fragment)
                 fragments.sort()
-                if len(fragments) == self.num_fragments:
+                if set(fragments) >= set(self.params.owned):
                     log.info("island %s finished its run: rounds no longer wait for it", c.island_id)
 
     # ---- rounds ---------------------------------------------------------------------------------
