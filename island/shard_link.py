@@ -110,6 +110,7 @@ class ShardedLink:
         self._beats: list[pb.HeartbeatReply | None] = [None] * len(groups)
         self._epochs = [0] * len(groups)
         self._threads: list[threading.Thread] = []
+        self._away: set[int] = set()  # shards a delta pull found unreachable
 
     @property
     def num_shards(self) -> int:
@@ -196,9 +197,14 @@ class ShardedLink:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
-                log.warning("island %s: shard %d unreachable (%s); its deltas come when it is back",
-                            self.island_id, s, exc.code())
+                if s not in self._away:  # once per absence: the resyncs that follow would repeat it
+                    log.warning("island %s: shard %d unreachable (%s); its deltas come when it is back",
+                                self.island_id, s, exc.code())
+                self._away.add(s)
                 continue
+            if s in self._away:
+                self._away.discard(s)
+                log.info("island %s: shard %d is back", self.island_id, s)
             if any(h.full or h.timeline != base.timelines[s] for h, _ in records):
                 return [self._full()]
             pulled.append((s, records))
