@@ -13,8 +13,8 @@ Inner optimizer state never leaves the island (DiLoCo, Douillard et al., arXiv:2
 streaming fragments and overlap: Douillard et al., arXiv:2501.18512). The training thread is the
 only one that touches the model; the pusher and receiver threads only move bytes.
 
-The coordinator is reached through a `CoordinatorLink` (island/connection.py), which retries,
-fails over and re-registers by itself. What the outer loop decides:
+The coordinator is reached through a `CoordinatorLink` (island/connection.py; a sharded one through
+island/shard_link.py), which retries, fails over and re-registers by itself. The outer loop decides:
 - a retried push the coordinator already holds counts as done;
 - the guard refused a round (SKIPPED): θ_b stays, the pseudo-gradient's progress is dropped;
 - a push too stale to apply is dropped; the island goes on;
@@ -70,7 +70,8 @@ class IslandStats:
 
 class Link(Protocol):
     """What the outer loop needs of its coordinator connection (island/connection.py has the gRPC
-    one); `events` is a queue of `pb.Event`."""
+    one); `events` is a queue of `pb.Event`. An optional `push_lane(fragment) -> int` gives each lane
+    its own pusher thread (island/shard_link.py: one per shard); without it, pushes share one."""
 
     island_id: str
     events: queue.Queue
@@ -82,7 +83,6 @@ class Link(Protocol):
     def fetch(self, since: int, full: bool = False) -> list[tuple[pb.PayloadHeader, Payload]]: ...
     def start_thread(self, target: Any, name: str) -> None: ...
     def close(self, timeout_s: float) -> list[str]: ...
-    # Optional `push_lane(fragment) -> int`: each lane its own pusher (island/shard_link.py: a shard's)
 
 
 class InnerSteps:
@@ -274,9 +274,8 @@ class DiLoCoClient:
                                timeline=self.timeline, last=last)
         self.loss_sum, self.loss_count, self.token_sum = 0.0, 0, 0
         lane = self.link.push_lane(fragment) if hasattr(self.link, "push_lane") else 0
-        if lane not in self.pushers:
-            self.pushers[lane] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"push-{lane}")
-        future = self.pushers[lane].submit(self.push, header, payload)
+        pusher = self.pushers.get(lane) or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"push-{lane}")
+        future = self.pushers.setdefault(lane, pusher).submit(self.push, header, payload)
         future.add_done_callback(lambda _: self.arrived.set())  # wakes wait_until
         self.pushes.append(future)
         if not self.cfg.overlap:
