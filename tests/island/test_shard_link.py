@@ -101,3 +101,21 @@ def test_events_and_heartbeats_in_composite_terms(link):
     last = heard[-1]
     assert (last.version, last.timeline) == (6, 0)  # shard 1 is two commits ahead of the island
     assert [(f.fragment, f.round, f.version) for f in last.fragments] == [(0, 3, 4), (1, 4, 6), (2, 2, 4), (3, 2, 4)]
+
+
+def test_island_run_takes_the_shards_from_the_preset_without_coordinator(tmp_path):
+    from argparse import Namespace
+
+    from archipelago.config import ConfigError
+    from island.run_cli import check_island_index
+
+    preset = tmp_path / "run.toml"
+    preset.write_text('base = "ci"\n[coordinator]\nshards = ["a:1,a2:1", "b:2"]\n')
+    args = Namespace(island_index=0, num_islands=1, coordinator=None, preset=str(preset))
+    check_island_index(args)
+    assert args.coordinator == "a:1,a2:1;b:2"
+    given = Namespace(island_index=0, num_islands=1, coordinator="c:3", preset=str(preset))
+    check_island_index(given)
+    assert given.coordinator == "c:3"  # the flag wins
+    with pytest.raises(ConfigError, match="--coordinator is required"):
+        check_island_index(Namespace(island_index=0, num_islands=1, coordinator=None, preset="ci"))
