@@ -66,6 +66,13 @@ class NoSuchFragment(Refused):
     code = "INVALID_ARGUMENT"
 
 
+class NotMyFragment(Refused):
+    """The push is for a fragment another coordinator shard owns (docs/design.md, "Sharded
+    coordinator"): the island was given the shards' addresses in another order, or too few."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class AheadOfGlobal(Refused):
     """The push claims a base version the coordinator has not produced."""
 
@@ -103,6 +110,11 @@ class PushClaim:
 def admit(claim: PushClaim, engine: RoundEngine, staleness_limit: int) -> int:
     """The push's staleness (versions since its base) if the engine can take it now; else raises
     the `Refused` that says why."""
+    cfg = engine.cfg
+    if 0 <= claim.fragment < engine.num_fragments and cfg.owner(claim.fragment) != cfg.shard_index:
+        raise NotMyFragment(f"fragment {claim.fragment} is not served by this coordinator: this is shard "
+                            f"{cfg.shard_index} of {cfg.num_shards}, fragment {claim.fragment} belongs to "
+                            f"shard {cfg.owner(claim.fragment)}")
     if claim.timeline != engine.timeline:
         raise OtherTimeline(f"push from island '{claim.island_id}' is based on timeline {claim.timeline}; the "
                             f"coordinator rolled back and is on timeline {engine.timeline}: reload θ_b")

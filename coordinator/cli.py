@@ -39,12 +39,17 @@ def parser() -> argparse.ArgumentParser:
                        help="serve without TLS on a non-loopback address (coordinator.insecure = true)")
     serve.add_argument("--etcd", help="HOST:PORT of etcd: elect a leader among the coordinators sharing "
                                       "--state-dir; this one serves only while it leads (coordinator.etcd)")
+    serve.add_argument("--shard-index", type=int, help="serve shard I of a coordinator sharded by fragment "
+                                                       "(coordinator.shard_index)")
+    serve.add_argument("--num-shards", type=int, help="how many shards the coordinator has (coordinator.num_shards)")
     status = sub.add_parser("status", help="print the coordinator's status")
     rollback = sub.add_parser("rollback", help="roll the run back to a kept checkpoint; islands reload")
     rollback.add_argument("--to", dest="to_version", type=int, required=True, metavar="V",
                           help="the version to go back to (one with a kept checkpoint)")
     for p_ in (status, rollback):
-        p_.add_argument("--address", required=True, help="HOST:PORT")
+        p_.add_argument("--address", required=True,
+                        help="HOST:PORT; for status of a sharded coordinator every shard's, in shard order, "
+                             "separated by ';' (a shard's failover addresses by ',')")
         p_.add_argument("--credential", default=os.environ.get("ARCHIPELAGO_ADMIN_CREDENTIAL", ""),
                         help="admin credential (default: $ARCHIPELAGO_ADMIN_CREDENTIAL)")
         p_.add_argument("--tls-ca", default="", help="CA certificate that signed the coordinator's (PEM)")
@@ -64,7 +69,8 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.action == "serve":
         overrides = list(args.overrides)
-        for key in ("host", "port", "state_dir", "tls_cert", "tls_key", "tls_ca", "etcd"):
+        for key in ("host", "port", "state_dir", "tls_cert", "tls_key", "tls_ca", "etcd", "shard_index",
+                    "num_shards"):
             if getattr(args, key) is not None:
                 overrides.append(f"coordinator.{key}={json.dumps(getattr(args, key))}")
         if args.insecure:
@@ -96,6 +102,9 @@ def rollback(args) -> int:
     from protos import archipelago_pb2_grpc as pb_grpc
     from protos.transport import open_channel
 
+    if ";" in args.address:
+        raise cfglib.ConfigError("coordinator rollback acts on one shard (versions are a shard's own): give "
+                                 "that shard's address, not the ';' list")
     with open_channel(args.address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
         try:
             reply = pb_grpc.AdminStub(channel).Rollback(
@@ -107,20 +116,35 @@ def rollback(args) -> int:
     return 0
 
 
-def status(args) -> int:
+def _ask_status(args, address: str):
+    """(the StatusReply, "") from the first of `address`'s comma-separated addresses that answers,
+    or (None, the last error)."""
     from protos import archipelago_pb2 as pb
     from protos import archipelago_pb2_grpc as pb_grpc
     from protos.transport import open_channel
 
-    with open_channel(args.address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
-        try:
-            reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=args.credential), timeout=10)
-        except grpc.RpcError as exc:
-            console.print(f"[red]coordinator {args.address}: {exc.code().name}: {exc.details()}")
-            return 1
+    error = ""
+    for one in [a.strip() for a in address.split(",") if a.strip()]:
+        with open_channel(one, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
+            try:
+                return pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=args.credential), timeout=10), ""
+            except grpc.RpcError as exc:
+                error = f"{one}: {exc.code().name}: {exc.details()}"
+    return None, error
+
+
+def status(args) -> int:
+    from coordinator.shard_status import strict
+
+    if ";" in args.address:
+        return sharded_status(args)
+    reply, error = _ask_status(args, args.address)
+    if reply is None:
+        console.print(f"[red]coordinator {error}")
+        return 1
     detail = json.loads(reply.json)
     if args.json:
-        print(json.dumps(detail, indent=2))
+        print(json.dumps(strict(detail), indent=2, allow_nan=False))
         return 0
     from rich.table import Table
 
@@ -132,6 +156,46 @@ def status(args) -> int:
                       f"{i.bytes_in:,}", f"{i.bytes_out:,}")
     console.print(table)
     return 0
+
+
+def sharded_status(args) -> int:
+    """Every shard's status and the run's combined view (coordinator/shard_status.py)."""
+    from rich.table import Table
+
+    from coordinator.shard_status import island_rows, merge_status, strict
+
+    addresses = [a.strip() for a in args.address.split(";")]
+    if not all(addresses):
+        raise cfglib.ConfigError(f"--address {args.address!r} has an empty shard address")
+    replies: list = []
+    for address in addresses:
+        reply, error = _ask_status(args, address)
+        replies.append(error if reply is None else {**json.loads(reply.json), "islands": island_rows(reply.islands)})
+    merged = merge_status(addresses, replies)
+    ok = not merged["combined"]["problems"]
+    if args.json:
+        print(json.dumps(strict(merged), indent=2, allow_nan=False))
+        return 0 if ok else 1
+    c = merged["combined"]
+    console.print(f"{c['num_shards']} shards ({c['shards_answering']} answering): composite version "
+                  f"[bold]{c['version']}[/] (shard versions {c['shard_versions']}), rounds {c['rounds']}, "
+                  f"pending pushes {c['pending_pushes']}")
+    shards = Table("shard", "address", "version", "timeline", "fragments", "pending", "last checkpoint")
+    for s in merged["shards"]:
+        if "error" in s:
+            shards.add_row(str(s["shard"]), s["address"], "[red]down", "", "", "", s["error"])
+        else:
+            shards.add_row(str(s["shard"]), s["address"], str(s["version"]), str(s["timeline"]),
+                           str(s.get("fragments_owned")), str(s["pending_pushes"]), str(s["last_checkpoint"]))
+    console.print(shards)
+    islands = Table("island", "state per shard", "pushes", "bytes in", "bytes out")
+    for i in c["islands"]:
+        islands.add_row(i["island_id"], " ".join(st or "-" for st in i["states"]), str(i["pushes"]),
+                        f"{i['bytes_in']:,}", f"{i['bytes_out']:,}")
+    console.print(islands)
+    for problem in c["problems"]:
+        console.print(f"[red]{problem}")
+    return 0 if ok else 1
 
 
 def certs(args) -> int:

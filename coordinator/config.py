@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from archipelago.config import ConfigError
 
@@ -72,6 +72,15 @@ class CoordinatorConfig:
     etcd: str = ""
     etcd_prefix: str = "/archipelago/run"
     etcd_lease_ttl_s: int = 5
+    # Sharding by fragment (docs/design.md, "Sharded coordinator"): shard i of num_shards owns the
+    # fragments f with f % num_shards == i and is an ordinary coordinator process (its own state
+    # directory, store, checkpoints and, with etcd, its own election under etcd_prefix/shard-i).
+    # `shards` lists every shard's address in shard order (islands take them joined by ";", each
+    # shard's failover addresses joined by ","); empty: one unsharded coordinator. When `shards`
+    # is given and num_shards is left at 1, num_shards is its length.
+    shards: list[str] = field(default_factory=list)
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.quorum <= 1:
@@ -106,6 +115,42 @@ class CoordinatorConfig:
         if self.etcd and (":" not in self.etcd or self.etcd_lease_ttl_s < 2):
             raise ConfigError(f"coordinator.etcd must be HOST:PORT (got {self.etcd!r}) and etcd_lease_ttl_s "
                               f">= 2 (etcd's smallest lease), got {self.etcd_lease_ttl_s}")
+        self._check_shards()
         if self.clip_update_norm < 0 or self.clip_window < 1:
             raise ConfigError("coordinator.clip_update_norm must be >= 0 (0: off) and clip_window >= 1, got "
                               f"{self.clip_update_norm} and {self.clip_window}")
+
+    def _check_shards(self) -> None:
+        if any(not isinstance(a, str) or not a.strip() or ";" in a for a in self.shards):
+            raise ConfigError(f"coordinator.shards must list one address group per shard (HOST:PORT, a "
+                              f"shard's failover addresses joined by ','), got {self.shards!r}")
+        if self.shards and self.num_shards == 1:
+            self.num_shards = len(self.shards)
+        if self.num_shards < 1:
+            raise ConfigError(f"coordinator.num_shards must be >= 1, got {self.num_shards}")
+        if self.shards and len(self.shards) != self.num_shards:
+            raise ConfigError(f"coordinator.shards lists {len(self.shards)} shard addresses but "
+                              f"coordinator.num_shards is {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"coordinator.shard_index must be in [0, num_shards = {self.num_shards}), "
+                              f"got {self.shard_index}")
+
+    def check_fragments(self, num_fragments: int) -> None:
+        """The run's fragment count is known (the initial model): every shard must own one."""
+        if self.num_shards > num_fragments:
+            raise ConfigError(f"coordinator.num_shards ({self.num_shards}) is above the run's fragment count "
+                              f"({num_fragments}): a shard owns whole fragments, so a run of {num_fragments} "
+                              f"fragment(s) has at most {num_fragments} shard(s) (set diloco.fragments)")
+
+    def owner(self, fragment: int) -> int:
+        """The shard that owns `fragment`."""
+        return fragment % self.num_shards
+
+    def owned_fragments(self, num_fragments: int) -> list[int]:
+        """The fragments this shard owns (all of them when unsharded)."""
+        return [f for f in range(num_fragments) if self.owner(f) == self.shard_index]
+
+    @property
+    def shard_etcd_prefix(self) -> str:
+        """This shard's etcd key space: its own election and store, apart from the other shards'."""
+        return f"{self.etcd_prefix}/shard-{self.shard_index}" if self.num_shards > 1 else self.etcd_prefix

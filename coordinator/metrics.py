@@ -24,6 +24,6 @@ class Metrics:
 
     def observe(self, coord: Any) -> None:
         self.version.set(coord.engine.version)
-        for fragment, round_ in enumerate(coord.engine.rounds):
-            self.rounds.labels(fragment=str(fragment)).set(round_)
+        for fragment in coord.params.owned:  # a shard's own fragments only
+            self.rounds.labels(fragment=str(fragment)).set(coord.engine.rounds[fragment])
         self.live.set(len(coord.membership.live()))

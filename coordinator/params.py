@@ -43,11 +43,19 @@ class Contribution:
 
 
 class ParamState:
-    def __init__(self, theta: dict[str, torch.Tensor], num_fragments: int) -> None:
-        self.names = list(theta)
-        self.fragments = split_fragments(self.names, num_fragments)
-        self.theta_g = {k: v.detach().float().clone() for k, v in theta.items()}
-        self.theta_b = {k: v.detach().float().clone() for k, v in theta.items()}
+    """θ_g, θ_b and the outer momentum of the fragments in `owned` (default: all of them).
+
+    A coordinator shard (docs/design.md, "Sharded coordinator") holds only its own fragments'
+    tensors; `fragments` still names every fragment's tensors, as both ends split them.
+    """
+
+    def __init__(self, theta: dict[str, torch.Tensor], num_fragments: int, owned: list[int] | None = None) -> None:
+        self.fragments = split_fragments(list(theta), num_fragments)
+        self.owned = list(range(num_fragments)) if owned is None else sorted(owned)
+        mine = {n for f in self.owned for n in self.fragments[f]}
+        self.names = [n for n in theta if n in mine]
+        self.theta_g = {k: theta[k].detach().float().clone() for k in self.names}
+        self.theta_b = {k: theta[k].detach().float().clone() for k in self.names}
         self.momentum = {k: torch.zeros_like(v) for k, v in self.theta_g.items()}
         self.specs = {k: TensorSpec(k, tuple(v.shape), "float32") for k, v in self.theta_g.items()}
 

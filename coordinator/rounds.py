@@ -118,7 +118,7 @@ class RoundEngine:
         # island -> fragments whose last push (PushHeader.last) was applied or refused: an island
         # with all of them finished its run and no longer counts toward quorums.
         self.finished: dict[str, list[int]] = {}
-        self.merges = [RoundMerge(params.fragment_specs(f), self._payload) for f in range(self.num_fragments)]
+        self.merges = {f: RoundMerge(params.fragment_specs(f), self._payload) for f in params.owned}
         self.received_here: set[Key] = set()  # pushes this process received (and hashed) itself
         self.closing: set[int] = set()  # fragments whose round is closing now
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None  # another coordinator took over
@@ -230,8 +230,9 @@ class RoundEngine:
                 "guard": self.guard.state(), "finished": self.finished}
 
     def done_islands(self) -> set[str]:
-        """Islands whose last push of every fragment is applied or refused: they finished their run."""
-        return {i for i, fragments in self.finished.items() if len(fragments) == self.num_fragments}
+        """Islands whose last push of every fragment (a shard: of every fragment it owns) is applied
+        or refused: they finished their run."""
+        return {i for i, fragments in self.finished.items() if set(fragments) >= set(self.params.owned)}
 
     def _note_finished(self, contributions: list[Contribution]) -> None:
         for c in (c for c in contributions if c.last):
@@ -239,7 +240,7 @@ class RoundEngine:
             if c.fragment not in fragments:
                 fragments.append(c.fragment)
                 fragments.sort()
-                if len(fragments) == self.num_fragments:
+                if set(fragments) >= set(self.params.owned):
                     log.info("island %s finished its run: rounds no longer wait for it", c.island_id)
 
     # ---- rounds ---------------------------------------------------------------------------------
@@ -485,7 +486,7 @@ class RoundEngine:
         discarded = [list(k) for p in self.pending for k in p]
         self.received_here.clear()
         self.pending = [{} for _ in range(self.num_fragments)]
-        for merge in self.merges:
+        for merge in self.merges.values():
             merge.reset()
         self.opened_at = [time.monotonic()] * self.num_fragments
         self.deltas.clear()

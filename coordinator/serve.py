@@ -62,9 +62,11 @@ async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event |
 
         if not cfg.port:
             cfg = replace(cfg, port=free_port(cfg.host))
-        session = await asyncio.to_thread(EtcdSession, cfg.etcd, cfg.etcd_prefix)
+        # Each shard elects its own leader in its own key space (docs/design.md, "Sharded coordinator").
+        prefix = cfg.shard_etcd_prefix
+        session = await asyncio.to_thread(EtcdSession, cfg.etcd, prefix)
         election = LeaderElection(session, cfg.etcd_lease_ttl_s, f"{cfg.host}:{cfg.port}")
-        log.info("standing for election in etcd %s (%s) as %s:%d", cfg.etcd, cfg.etcd_prefix, cfg.host, cfg.port)
+        log.info("standing for election in etcd %s (%s) as %s:%d", cfg.etcd, prefix, cfg.host, cfg.port)
         campaign_stop = threading.Event()
         try:
             await asyncio.to_thread(election.campaign, campaign_stop)
@@ -93,7 +95,8 @@ async def serve(cfg: CoordinatorConfig, init: str | Path, ready: asyncio.Event |
     tmp = address_file.with_name(f".address.tmp-{os.getpid()}")
     tmp.write_text(address)
     os.replace(tmp, address_file)
-    log.info("coordinator listening on %s (%s, version %d, timeline %d, %s%s)", address,
+    log.info("coordinator%s listening on %s (%s, version %d, timeline %d, %s%s)",
+             f" shard {cfg.shard_index} of {cfg.num_shards}" if cfg.num_shards > 1 else "", address,
              "plaintext" if credentials is None else "mutual TLS" if cfg.tls_ca else "TLS",
              coord.engine.version, coord.engine.timeline, "resumed" if coord.resumed else "fresh",
              f", leader epoch {election.epoch}" if election else "")

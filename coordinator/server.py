@@ -71,15 +71,21 @@ class Coordinator:
         state_dir.mkdir(parents=True, exist_ok=True)
         theta, manifest = load_init(init)
         self.config_hash = manifest["config_hash"]
+        num_fragments = int(manifest["fragments"])
+        cfg.check_fragments(num_fragments)
+        # θ₀ of the whole model: while a shard is at version 0 every island can check it holds θ₀
+        # (docs/design.md, "Sharded coordinator"); a shard keeps only its own fragments' tensors.
+        self.init_digest = digest({n: t.float() for n, t in theta.items()}) if cfg.num_shards > 1 else ""
         self.store = store if store is not None else sqlite_store(state_dir)
         self.membership = Membership(self.store, cfg.lease_ttl_s, tokens)
-        self.params = ParamState(theta, int(manifest["fragments"]))
+        self.params = ParamState(theta, num_fragments, cfg.owned_fragments(num_fragments))
         run_meta = {"config_hash": self.config_hash, "model": manifest.get("model"),
-                    "fragments": int(manifest["fragments"]), "tensor_names": manifest["tensor_names"]}
+                    "fragments": num_fragments, "tensor_names": manifest["tensor_names"]}
         self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
         self.engine.on_fenced = self.fenced
         compile_in_background(cfg.broadcast_scheme)  # the merge's kernels come with each push's scheme
         self.resumed = self.engine.restore()
+        self._check_shard_state()
         if not self.resumed:
             self.engine.checkpoint()
         self.metrics = Metrics(cfg.metrics_port)
@@ -89,7 +95,23 @@ class Coordinator:
         self.lost_leadership = False
         self._digest: tuple[int, int, str] = (-1, -1, "")
 
+    def _check_shard_state(self) -> None:
+        """A shard resumes only on its own state directory (its checkpoints hold only its fragments)."""
+        shard = [self.cfg.shard_index, self.cfg.num_shards]
+        recorded = list(self.store.get("shard", [0, 1]))
+        if self.resumed and recorded != shard:
+            raise UserError(f"state directory {self.cfg.state_dir} belongs to coordinator shard {recorded[0]} of "
+                            f"{recorded[1]}, not to shard {shard[0]} of {shard[1]} (coordinator.shard_index, "
+                            "coordinator.num_shards): give each shard its own state directory")
+        if not self.resumed and self.cfg.num_shards > 1:
+            self.store.put("shard", shard)
+
     def theta_b_digest(self) -> str:
+        """sha256 of θ_b. On a shard (num_shards > 1) θ_b is only its fragments', which no island
+        holds apart; while the shard is at version 0 of timeline 0 it answers θ₀'s digest of the
+        whole model instead, which islands compare across shards (island/shard_link.py)."""
+        if self.cfg.num_shards > 1 and self.engine.version == 0 and self.engine.timeline == 0:
+            return self.init_digest
         key = (self.engine.version, self.engine.timeline)
         if self._digest[:2] != key:
             self._digest = (*key, digest(self.params.theta_b))
@@ -116,9 +138,10 @@ class Coordinator:
             self.stopping.set()
 
     def fragment_states(self) -> list[pb.FragmentState]:
+        """The open round and last version of each fragment this coordinator owns (all, unsharded)."""
         e = self.engine
         return [pb.FragmentState(fragment=f, round=e.rounds[f], version=e.fragment_versions[f])
-                for f in range(e.num_fragments)]
+                for f in self.params.owned]
 
     def status(self) -> pb.StatusReply:
         now = time.monotonic()
@@ -141,7 +164,9 @@ class Coordinator:
                   "checkpoints": sorted(self.store.checkpoints()),
                   "guard": {**self.engine.guard.state(),
                             "decisions": [e for e in history if e.get("kind") in ("refused", "rollback")][-50:]},
-                  "uptime_s": time.time() - self.started, "history": history[-50:]}
+                  "uptime_s": time.time() - self.started, "history": history[-50:],
+                  "shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
+                  "fragments_owned": self.params.owned}
         return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
                               islands=islands, json=json.dumps(detail))
 
@@ -189,7 +214,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 broadcast_scheme=c.cfg.broadcast_scheme,
                                 staleness_limit=c.cfg.staleness_limit,
                                 theta_b_sha256=c.theta_b_digest(), timeline=c.engine.timeline,
-                                received_pushes=c.store.received_count(member.island_id))
+                                received_pushes=c.store.received_count(member.island_id),
+                                num_shards=c.cfg.num_shards, shard_index=c.cfg.shard_index)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         try:

@@ -13,6 +13,11 @@ The outer loop (island/diloco.py) sees a small interface: `register`, `push(head
 - a subscribe thread keeps the event stream open (after a gap it queues a resync event, since
   commits may have been missed), and a heartbeat thread renews the lease every TTL/3 and hands each
   reply to the outer loop, which compares it with what it holds.
+
+One `CoordinatorLink` talks to one coordinator (or one shard of a sharded one, with its failover
+addresses); every registration checks that the coordinator is the shard the link expects, so an
+island given the shards' addresses in the wrong order, or one address of a sharded coordinator,
+fails at once. island/shard_link.py joins one link per shard.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from archipelago.errors import UserError
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload
@@ -52,6 +58,13 @@ class Registration:
     rounds: list[int]  # each fragment's open round
     theta_b_sha256: str
     received_pushes: int  # pushes the coordinator holds from this island (a restarted process resumes after them)
+    num_shards: int = 1  # the coordinator is shard `shard_index` of `num_shards` (docs/design.md)
+    shard_index: int = 0
+    round_of: dict[int, int] = field(default_factory=dict)  # fragment -> open round, as the coordinator listed them
+
+
+class ShardMismatch(UserError):
+    """The coordinator reached is not the shard the island expects there."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,10 @@ class PushOutcome:
 class CoordinatorLink:
     """The gRPC side of one island's DiLoCo client (see the module docstring)."""
 
-    def __init__(self, cfg: DiLoCoConfig, address: str, island_id: str, token: str = "") -> None:
+    def __init__(self, cfg: DiLoCoConfig, address: str, island_id: str, token: str = "",
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.cfg = cfg
+        self.shard = shard  # (index, count): the coordinator shard these addresses must lead to
         self.island_id = island_id
         self.token = token
         self.addresses = [a.strip() for a in address.split(",") if a.strip()]
@@ -99,7 +114,8 @@ class CoordinatorLink:
         self.ttl_s = reply.lease_ttl_s
         return Registration(reply.epoch, reply.version, reply.timeline,
                             [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)],
-                            reply.theta_b_sha256, reply.received_pushes)
+                            reply.theta_b_sha256, reply.received_pushes, max(1, reply.num_shards),
+                            reply.shard_index, {fs.fragment: fs.round for fs in reply.fragments})
 
     def start(self, on_heartbeat: Callable[[pb.HeartbeatReply], None],
               on_rejoin: Callable[[pb.RegisterReply], None]) -> None:
@@ -134,11 +150,12 @@ class CoordinatorLink:
             raise
         return PushOutcome("accepted", reply.message, reply.version)
 
-    def fetch(self, since: int, full: bool = False) -> list[tuple[pb.PayloadHeader, Payload]]:
+    def fetch(self, since: int, full: bool = False, patient: bool = True) -> list[tuple[pb.PayloadHeader, Payload]]:
         """Every outer delta after version `since` (or, with `full` or when the coordinator no longer
-        holds them all, the full θ_b), in version order, each as its header and payload."""
+        holds them all, the full θ_b), in version order, each as its header and payload.
+        `patient=False`: no retries while the coordinator is unreachable (see `call`)."""
         parts = self.call(lambda: list(self.stub.PullParams(
-            pb.PullRequest(lease=self.lease, full=full, since_version=since))))
+            pb.PullRequest(lease=self.lease, full=full, since_version=since))), patient=patient)
         return read_stream(parts)
 
     def start_thread(self, target: Callable[[], None], name: str) -> None:
@@ -166,10 +183,11 @@ class CoordinatorLink:
 
     # ---- retries, re-registration, failover ----------------------------------------------------
 
-    def call(self, fn: Callable[[], Any], register: bool = True, resend: bool = False) -> Any:
+    def call(self, fn: Callable[[], Any], register: bool = True, resend: bool = False, patient: bool = True) -> Any:
         """Run an RPC, retrying with exponential backoff while the coordinator is unreachable
         (trying each address in turn), registering again when the lease is gone, and, with
-        `resend`, sending again what arrived corrupted (DATA_LOSS)."""
+        `resend`, sending again what arrived corrupted (DATA_LOSS). Not `patient`: an unreachable
+        coordinator raises at once (the next call tries its next address)."""
         deadline = time.monotonic() + self.cfg.reconnect_timeout_s
         delay = 0.2
         while True:
@@ -181,7 +199,9 @@ class CoordinatorLink:
                     self.rejoin(lease)
                     continue
                 retry = exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
-                if not retry or time.monotonic() + delay > deadline or self._stop.is_set():
+                if not patient and exc.code() in RETRYABLE and stub is self.stub:
+                    self._next_address()
+                if not retry or not patient or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
                 self.reconnects += 1
                 log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
@@ -193,6 +213,13 @@ class CoordinatorLink:
     def _register(self) -> pb.RegisterReply:
         reply = self.call(lambda: self.stub.Register(pb.RegisterRequest(
             island_id=self.island_id, token=self.token, config_hash=self.config_hash)), register=False)
+        index, count = self.shard
+        if (reply.shard_index, max(1, reply.num_shards)) != (index, count):
+            where = "an unsharded coordinator" if count == 1 else f"shard {index} of {count}"
+            raise ShardMismatch(
+                f"island {self.island_id}: the coordinator at {self.addresses[self._address_index]} is shard "
+                f"{reply.shard_index} of {max(1, reply.num_shards)}, but the island expects {where} there: give "
+                "every shard's addresses in shard order, separated by ';' (docs/design.md, Sharded coordinator)")
         self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
         return reply
 

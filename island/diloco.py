@@ -13,8 +13,8 @@ Inner optimizer state never leaves the island (DiLoCo, Douillard et al., arXiv:2
 streaming fragments and overlap: Douillard et al., arXiv:2501.18512). The training thread is the
 only one that touches the model; the pusher and receiver threads only move bytes.
 
-The coordinator is reached through a `CoordinatorLink` (island/connection.py), which retries,
-fails over and re-registers by itself. What the outer loop decides:
+The coordinator is reached through a `CoordinatorLink` (island/connection.py; a sharded one through
+island/shard_link.py), which retries, fails over and re-registers by itself. The outer loop decides:
 - a retried push the coordinator already holds counts as done;
 - the guard refused a round (SKIPPED): θ_b stays, the pseudo-gradient's progress is dropped;
 - a push too stale to apply is dropped; the island goes on;
@@ -70,7 +70,8 @@ class IslandStats:
 
 class Link(Protocol):
     """What the outer loop needs of its coordinator connection (island/connection.py has the gRPC
-    one); `events` is a queue of `pb.Event`."""
+    one); `events` is a queue of `pb.Event`. An optional `push_lane(fragment) -> int` gives each lane
+    its own pusher thread (island/shard_link.py: one per shard); without it, pushes share one."""
 
     island_id: str
     events: queue.Queue
@@ -148,7 +149,8 @@ class DiLoCoClient:
         self.arrivals: queue.Queue[tuple[Any, Any]] = queue.Queue()
         self.arrived = threading.Event()
         self.receiver_error: BaseException | None = None
-        self.pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push")
+        self.pushers: dict[int, ThreadPoolExecutor] = {}  # lane -> its pusher thread
+        self._push_lock = threading.Lock()
         self.pushes: list[Future] = []
 
     # ---- the outer loop -------------------------------------------------------------------------
@@ -271,7 +273,9 @@ class DiLoCoClient:
                                tokens=self.token_sum, loss_mean=self.mean_loss(), eval_loss=float("nan"),
                                timeline=self.timeline, last=last)
         self.loss_sum, self.loss_count, self.token_sum = 0.0, 0, 0
-        future = self.pusher.submit(self.push, header, payload)
+        lane = self.link.push_lane(fragment) if hasattr(self.link, "push_lane") else 0
+        pusher = self.pushers.get(lane) or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"push-{lane}")
+        future = self.pushers.setdefault(lane, pusher).submit(self.push, header, payload)
         future.add_done_callback(lambda _: self.arrived.set())  # wakes wait_until
         self.pushes.append(future)
         if not self.cfg.overlap:
@@ -308,23 +312,24 @@ class DiLoCoClient:
         record = {"round": round_, "fragment": fragment, "base_version": header.base_version,
                   "compute_s": compute_s, "synced_at": synced_at, "timeline": header.timeline}
         outcome = self.link.push(header, payload)
-        if outcome.status in ("stale", "other_timeline"):
-            log.warning("island %s: push of fragment %d round %d dropped: %s", self.island_id, fragment, round_,
-                        outcome.message)
-            self.stats.dropped_pushes += 1
-            self.ack_log.write({"event": "dropped", **record, "message": outcome.message})
-            if outcome.status == "other_timeline":  # computed on a timeline a rollback abandoned
-                self.link.events.put(pb.Event(kind=pb.Event.ROLLBACK, message="push refused for another timeline"))
-            return
-        if outcome.status == "already_received":
-            log.info("island %s: fragment %d round %d was already received", self.island_id, fragment, round_)
-        else:
-            log.info("island %s pushed fragment %d round %d (%s)", self.island_id, fragment, round_,
-                     outcome.message)
-        self.stats.pushes += 1
-        self.ack_log.write({"event": "push", **record, "version": outcome.version, "message": outcome.message})
-        self.steps.pushed(self, {"fragment": fragment, "round": round_, "base_version": header.base_version,
-                                 "tokens": header.tokens, "t": time.time()})
+        with self._push_lock:  # pushers of several lanes count their outcomes here
+            if outcome.status in ("stale", "other_timeline"):
+                log.warning("island %s: push of fragment %d round %d dropped: %s", self.island_id, fragment, round_,
+                            outcome.message)
+                self.stats.dropped_pushes += 1
+                self.ack_log.write({"event": "dropped", **record, "message": outcome.message})
+                if outcome.status == "other_timeline":  # computed on a timeline a rollback abandoned
+                    self.link.events.put(pb.Event(kind=pb.Event.ROLLBACK, message="push refused for another timeline"))
+                return
+            if outcome.status == "already_received":
+                log.info("island %s: fragment %d round %d was already received", self.island_id, fragment, round_)
+            else:
+                log.info("island %s pushed fragment %d round %d (%s)", self.island_id, fragment, round_,
+                         outcome.message)
+            self.stats.pushes += 1
+            self.ack_log.write({"event": "push", **record, "version": outcome.version, "message": outcome.message})
+            self.steps.pushed(self, {"fragment": fragment, "round": round_, "base_version": header.base_version,
+                                     "tokens": header.tokens, "t": time.time()})
 
     # ---- pulls and merges -----------------------------------------------------------------------
 
@@ -493,7 +498,8 @@ class DiLoCoClient:
     def close(self) -> None:
         """Stop the pusher and the background threads and wait for them (bounded)."""
         self._stop.set()
-        self.pusher.shutdown(wait=False, cancel_futures=True)
+        for pusher in self.pushers.values():
+            pusher.shutdown(wait=False, cancel_futures=True)
         stuck = self.link.close(CLOSE_TIMEOUT_S)
         self.stats.reconnects = getattr(self.link, "reconnects", 0)
         if stuck:

@@ -20,6 +20,7 @@ from island.connection import CoordinatorLink
 from island.diloco import DiLoCoClient, InnerSteps
 from island.diloco_config import DiLoCoConfig, run_config_hash
 from island.replica import ReplicaGroupsConfig, check_island_layout
+from island.shard_link import ShardedLink
 from island.train import Trainer, TrainJobConfig
 from protos.broadcast import digest
 
@@ -66,7 +67,10 @@ def write_initial_model(job: IslandJobConfig, out: str | Path, model: Any = None
 def open_client(cfg: DiLoCoConfig, trainer: Trainer, address: str, island_id: str, token: str = "",
                 steps: InnerSteps | None = None) -> DiLoCoClient:
     """The DiLoCo client of island `island_id` over gRPC to the coordinator at `address`
-    (a comma-separated list tries each in turn)."""
+    (a comma-separated list tries each in turn); a coordinator sharded by fragment is every shard's
+    addresses in shard order, separated by ';' (island/shard_link.py)."""
+    if ";" in address:
+        return DiLoCoClient(cfg, trainer, ShardedLink(cfg, address, island_id, token), steps)
     return DiLoCoClient(cfg, trainer, CoordinatorLink(cfg, address, island_id, token), steps)
 
 

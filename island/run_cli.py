@@ -13,7 +13,10 @@ from island.train import Trainer
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
     """The flags of one island process (also used by `archipelago posttrain island`)."""
-    run.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    run.add_argument("--coordinator", help="HOST:PORT of the coordinator (a standby's after a ','); a "
+                                           "coordinator sharded by fragment: every shard's, in shard order, "
+                                           "separated by ';', e.g. \"a:1,a2:1;b:2\" (default: the preset's "
+                                           "coordinator.shards)")
     run.add_argument("--island-id", required=True)
     run.add_argument("--island-index", type=int, default=0, help="this island's data shard index")
     run.add_argument("--num-islands", type=int, default=1, help="how many shards the data is split into")
@@ -23,8 +26,16 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def check_island_index(args: argparse.Namespace) -> None:
+    """Check the island's place, and settle `args.coordinator`: the flag, else the shards the
+    preset lists under `[coordinator] shards`."""
     if not 0 <= args.island_index < args.num_islands:
         raise cfglib.ConfigError(f"--island-index {args.island_index} must be in [0, {args.num_islands})")
+    if not args.coordinator:
+        shards = cfglib.load_preset(args.preset).get("coordinator", {}).get("shards", [])
+        if not shards:
+            raise cfglib.ConfigError("--coordinator is required (HOST:PORT, or the shards' addresses separated by "
+                                     "';'), unless the preset lists coordinator.shards")
+        args.coordinator = ";".join(shards) if len(shards) > 1 else shards[0]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, island_id: _Optional[str] = ..., token: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit", "theta_b_sha256", "timeline", "received_pushes")
+    __slots__ = ("lease_id", "lease_ttl_s", "epoch", "version", "fragments", "broadcast_scheme", "staleness_limit", "theta_b_sha256", "timeline", "received_pushes", "num_shards", "shard_index")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class RegisterReply(_message.Message):
     THETA_B_SHA256_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     lease_ttl_s: float
     epoch: int
@@ -39,7 +41,9 @@ class RegisterReply(_message.Message):
     theta_b_sha256: str
     timeline: int
     received_pushes: int
-    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ..., theta_b_sha256: _Optional[str] = ..., timeline: _Optional[int] = ..., received_pushes: _Optional[int] = ...) -> None: ...
+    num_shards: int
+    shard_index: int
+    def __init__(self, lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[_Iterable[_Union[FragmentState, _Mapping]]] = ..., broadcast_scheme: _Optional[str] = ..., staleness_limit: _Optional[int] = ..., theta_b_sha256: _Optional[str] = ..., timeline: _Optional[int] = ..., received_pushes: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class FragmentState(_message.Message):
     __slots__ = ("fragment", "round", "version")

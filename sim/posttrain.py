@@ -97,6 +97,8 @@ def _per_round(cfg: PosttrainConfig, islands: list[dict[str, Any]], key: str) ->
 
 def run_stage(cfg: PosttrainConfig, out: Path, preset_label: str) -> dict[str, Any]:
     """Run `cfg.posttrain.stage` on `cfg.sim.islands` islands through a coordinator; the report."""
+    if cfg.coordinator.num_shards > 1:
+        raise cfglib.ConfigError("post-training runs on one coordinator: coordinator.num_shards is for archipelago sim")
     out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(cfg.data)
     stage = cfg.posttrain.stage

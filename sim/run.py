@@ -32,7 +32,7 @@ from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
-from sim.wan import LinkProxy, WanSpec
+from sim.wan import LinkProxy, LinkStats, WanSpec
 
 
 @dataclass
@@ -99,12 +99,16 @@ class ProcessGroup:
 
 def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tuple[str, ...] = ("island", "run"),
                 init_model: Any = None) -> dict[str, Any]:
-    """Start the coordinator and the islands, wait for them, return what they measured.
+    """Start the coordinator (or its shards, `coordinator.num_shards`) and the islands, wait for
+    them, return what they measured.
 
     `island_command` is the subcommand each island process runs (post-training runs its own);
-    `init_model`, when given, is θ_0 instead of the seeded init.
+    `init_model`, when given, is θ_0 instead of the seeded init. A sharded coordinator is one process
+    per shard, each on its own port with its own state directory `coordinator/shard-I`; each island
+    reaches every shard through its own link proxy and gets their addresses joined by ';'.
     """
-    n = cfg.sim.islands
+    n, shards = cfg.sim.islands, cfg.coordinator.num_shards
+    cfg.coordinator.check_fragments(cfg.diloco.fragments)
     coord_dir = out / "coordinator"
     if coord_dir.exists():
         shutil.rmtree(coord_dir)
@@ -115,23 +119,27 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
     os.chmod(coord_dir / "islands.json", 0o600)
     credential = secrets.token_hex(16)
     group = ProcessGroup(out)
-    proxies: list[LinkProxy] = []
+    proxies: list[list[LinkProxy]] = []  # per island, one per shard
+    names = ["coordinator"] if shards == 1 else [f"coordinator-shard-{i}" for i in range(shards)]
+    dirs = [coord_dir] if shards == 1 else [coord_dir / f"shard-{i}" for i in range(shards)]
     start = time.perf_counter()
     try:
-        coord = group.start("coordinator", [
-            "coordinator", "serve", "--preset", str(preset_file), "--init", str(coord_dir / "init"),
-            "--state-dir", str(coord_dir), "--host", cfg.sim.host, "--port", "0",
-            "--set", f"coordinator.islands_file={json.dumps(str(coord_dir / 'islands.json'))}",
-            # no round closes before every simulated island has joined
-            "--set", f"coordinator.min_islands={n}"],
-            env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
-        address = wait_for_file(coord_dir / "address", coord, 120)
+        coords = []
+        for i, (name, state_dir) in enumerate(zip(names, dirs, strict=True)):
+            coords.append(group.start(name, [
+                "coordinator", "serve", "--preset", str(preset_file), "--init", str(coord_dir / "init"),
+                "--state-dir", str(state_dir), "--host", cfg.sim.host, "--port", "0",
+                "--set", f"coordinator.islands_file={json.dumps(str(coord_dir / 'islands.json'))}",
+                # no round closes before every simulated island has joined
+                "--set", f"coordinator.min_islands={n}", *(["--shard-index", str(i)] if shards > 1 else [])],
+                env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential}))
+        addresses = [wait_for_file(d / "address", c, 120) for d, c in zip(dirs, coords, strict=True)]
         for i, (island_id, token) in enumerate(tokens.items()):
-            proxy = LinkProxy(address, listen_host=cfg.sim.host, wan=cfg.sim.link(i),
-                              seed=cfg.train.seed + i).start()
-            proxies.append(proxy)
+            links = [LinkProxy(a, listen_host=cfg.sim.host, wan=cfg.sim.link(i), seed=cfg.train.seed + i).start()
+                     for a in addresses]
+            proxies.append(links)
             group.start(island_id, [
-                *island_command, "--preset", str(preset_file), "--coordinator", proxy.address,
+                *island_command, "--preset", str(preset_file), "--coordinator", ";".join(p.address for p in links),
                 "--island-id", island_id, "--island-index", str(i), "--num-islands", str(n),
                 "--report", str(out / f"{island_id}.json")], env={"ARCHIPELAGO_ISLAND_TOKEN": token})
         deadline = time.monotonic() + cfg.sim.timeout_s
@@ -144,35 +152,77 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
                 if code != 0:
                     raise RuntimeError(f"{name} exited with {code}:\n{group.tail(name)}")
                 pending.discard(name)
-            if coord.poll() is not None:
-                raise RuntimeError(f"coordinator exited with {coord.returncode}:\n{group.tail('coordinator')}")
+            for name, coord in zip(names, coords, strict=True):
+                if coord.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {coord.returncode}:\n{group.tail(name)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"islands {sorted(pending)} did not finish within {cfg.sim.timeout_s}s")
             time.sleep(0.2)
         wall = time.perf_counter() - start
-        with grpc.insecure_channel(address) as channel:
-            status = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=30)
-            pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=credential), timeout=30)
-        coord.wait(timeout=60)
+        statuses = []
+        for address in addresses:
+            with grpc.insecure_channel(address) as channel:
+                status = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=30)
+                pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=credential), timeout=30)
+            statuses.append(json.loads(status.json))
+        for coord in coords:
+            coord.wait(timeout=60)
     finally:
         group.kill_all()
-        for proxy in proxies:
-            proxy.stop()
+        for links in proxies:
+            for proxy in links:
+                proxy.stop()
     islands = [json.loads((out / f"{i}.json").read_text()) for i in tokens]
-    return {"islands": islands, "links": [p.stats for p in proxies], "wall_s": wall,
-            "status": json.loads(status.json), "coordinator_dir": coord_dir}
+    return {"islands": islands, "links": [merged_stats([p.stats for p in links]) for links in proxies],
+            "wall_s": wall, "status": statuses[0] if shards == 1 else {"shards": statuses},
+            "coordinator_dir": coord_dir}
+
+
+def merged_stats(stats: list[LinkStats]) -> LinkStats:
+    """One island's traffic over its links to every shard, as one link's (the same object for one)."""
+    if len(stats) == 1:
+        return stats[0]
+    out = LinkStats()
+    for s in stats:
+        out.bytes_up += s.bytes_up
+        out.bytes_down += s.bytes_down
+        out.corrupted += s.corrupted
+        out.cut_connections += s.cut_connections
+        for bucket, n in s.timeline.items():
+            out.timeline[bucket] = out.timeline.get(bucket, 0) + n
+    return out
+
+
+def state_dirs(coord_dir: Path) -> list[Path]:
+    """The state directories of a run's coordinator: itself, or its shards' (shard-0, shard-1, …)."""
+    shards = sorted(coord_dir.glob("shard-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return shards or [coord_dir]
+
+
+def newest_state(coord_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """The coordinator's newest checkpoint files (every shard's joined: their fragments are
+    disjoint) and its version (a sharded coordinator's composite version: the shards' sum)."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    version = 0
+    for state_dir in state_dirs(coord_dir):
+        newest = sorted((state_dir / "checkpoints").glob("v*"))[-1]
+        shard_files, manifest = read_checkpoint(newest)
+        for name, tensors in shard_files.items():
+            files.setdefault(name, {}).update(tensors)
+        version += int(manifest["version"])
+    return files, version
 
 
 @torch.no_grad()
 def evaluate_global(cfg: SimConfig, coord_dir: Path) -> tuple[float, int, str]:
-    """Eval loss of θ_g from the coordinator's newest checkpoint, its version, and θ_b's digest."""
-    newest = sorted((coord_dir / "checkpoints").glob("v*"))[-1]
-    files, manifest = read_checkpoint(newest)
+    """Eval loss of θ_g from the coordinator's newest checkpoint (every shard's), its version, and
+    θ_b's digest."""
+    files, version = newest_state(coord_dir)
     trainer = Trainer(one_process(cfg))
     tensors = dict(trainer.model.named_parameters()) | dict(trainer.model.named_buffers())
     for name, value in files["theta_g.safetensors"].items():
         tensors[name].copy_(value)
-    return trainer.evaluate(), int(manifest["version"]), digest(files["theta_b.safetensors"])
+    return trainer.evaluate(), version, digest(files["theta_b.safetensors"])
 
 
 def fp32_sync_ratio(cfg: SimConfig, islands: list[dict[str, Any]]) -> float | None:
@@ -247,6 +297,8 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
         "round_steps": [cfg.diloco.steps_in_round(r) for r in range(cfg.diloco.rounds)],
         "tokens": sum(i["tokens"] for i in result["islands"]),
         "final_eval_loss": final_eval, "final_version": final_version,
+        # a sharded coordinator: its composite version is the sum of the shards' (docs/design.md)
+        "coordinator_shards": cfg.coordinator.num_shards,
         "codec": cfg.diloco.codec, "broadcast_codec": cfg.coordinator.broadcast_scheme,
         "wan_bytes": sum(link.total for link in result["links"]),
         "wan_bytes_per_island": [{"up": link.bytes_up, "down": link.bytes_down} for link in result["links"]],
