@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import socket
@@ -36,6 +37,18 @@ def run_metadata(seed: int, config: Any) -> dict[str, Any]:
         "argv": sys.argv,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it serializes as strict JSON
+    (a bare NaN or Infinity is not JSON, and a strict parser refuses the whole document)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

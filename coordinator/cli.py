@@ -134,7 +134,7 @@ def _ask_status(args, address: str):
 
 
 def status(args) -> int:
-    from coordinator.shard_status import strict
+    from archipelago.runinfo import strict_json
 
     if ";" in args.address:
         return sharded_status(args)
@@ -144,7 +144,7 @@ def status(args) -> int:
         return 1
     detail = json.loads(reply.json)
     if args.json:
-        print(json.dumps(strict(detail), indent=2, allow_nan=False))
+        print(json.dumps(strict_json(detail), indent=2, allow_nan=False))
         return 0
     from rich.table import Table
 
@@ -162,7 +162,8 @@ def sharded_status(args) -> int:
     """Every shard's status and the run's combined view (coordinator/shard_status.py)."""
     from rich.table import Table
 
-    from coordinator.shard_status import island_rows, merge_status, strict
+    from archipelago.runinfo import strict_json
+    from coordinator.shard_status import island_rows, merge_status
 
     addresses = [a.strip() for a in args.address.split(";")]
     if not all(addresses):
@@ -174,7 +175,7 @@ def sharded_status(args) -> int:
     merged = merge_status(addresses, replies)
     ok = not merged["combined"]["problems"]
     if args.json:
-        print(json.dumps(strict(merged), indent=2, allow_nan=False))
+        print(json.dumps(strict_json(merged), indent=2, allow_nan=False))
         return 0 if ok else 1
     c = merged["combined"]
     console.print(f"{c['num_shards']} shards ({c['shards_answering']} answering): composite version "

@@ -43,6 +43,17 @@ class CoordinatorConfig:
     max_message_bytes: int = 8 << 20
     max_payload_bytes: int = 4 << 30
     max_update_norm: float = 0.0  # 0: no bound on a pushed pseudo-gradient's norm
+    # What a push may claim (docs/design.md step 6). tokens: at most max_tokens_per_push (0: only
+    # the hard bound of 2**53; `archipelago sim` sets it to 4 × the tokens of an island's longest
+    # round); an island's tokens count for at most token_cap_factor × the round's lower median
+    # (0: no cap), so one island that over-reports cannot outweigh the others.
+    max_tokens_per_push: int = 0
+    token_cap_factor: float = 2.0
+    # Concurrent push streams the coordinator receives, in all and from one island; beyond them a
+    # push is refused with RESOURCE_EXHAUSTED (and retried by the island). A body is never held in
+    # memory, so each stream costs about one chunk.
+    max_push_streams: int = 128
+    max_push_streams_per_island: int = 4
     # Robust aggregation (coordinator/aggregate.py). Both off by default: the weighted mean.
     # clip_update_norm = c > 0 scales each contribution down to norm at most c × the median of the
     # fragment's recent update norms (the last `clip_window` accepted ones, this round's included).
@@ -116,6 +127,13 @@ class CoordinatorConfig:
             raise ConfigError(f"coordinator.etcd must be HOST:PORT (got {self.etcd!r}) and etcd_lease_ttl_s "
                               f">= 2 (etcd's smallest lease), got {self.etcd_lease_ttl_s}")
         self._check_shards()
+        if self.max_tokens_per_push < 0 or not (self.token_cap_factor == 0 or self.token_cap_factor >= 1):
+            raise ConfigError("coordinator.max_tokens_per_push must be >= 0 (0: no bound) and token_cap_factor 0 "
+                              f"(off) or >= 1, got {self.max_tokens_per_push} and {self.token_cap_factor}")
+        if self.max_push_streams < 1 or not 1 <= self.max_push_streams_per_island <= self.max_push_streams:
+            raise ConfigError("coordinator.max_push_streams must be >= 1 and max_push_streams_per_island in "
+                              f"[1, max_push_streams], got {self.max_push_streams} and "
+                              f"{self.max_push_streams_per_island}")
         if self.clip_update_norm < 0 or self.clip_window < 1:
             raise ConfigError("coordinator.clip_update_norm must be >= 0 (0: off) and clip_window >= 1, got "
                               f"{self.clip_update_norm} and {self.clip_window}")

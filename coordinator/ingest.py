@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.admission import BadPseudoGradient
+from coordinator.admission import BadPseudoGradient, Busy
 from coordinator.guard import first_non_finite
 from coordinator.spool import read_payload
 from protos.broadcast import l2_norm
@@ -163,3 +163,37 @@ def check_body(path: Path, specs: list[TensorSpec], max_update_norm: float) -> N
 def payload_of(path: Path) -> Payload:
     """A spilled push as the merge reads it (verified when it arrived)."""
     return read_payload(path, verify_sha256=False)
+
+
+class PushStreams:
+    """The push streams being received, bounded in all and per island; a key on one stream at a time.
+
+    Bodies go to disk as they arrive, so a stream costs about one chunk of memory: these bounds are
+    what keeps a hostile or broken island (or too many honest ones) from exhausting the coordinator's
+    memory and threads. A refusal is `Busy`: RESOURCE_EXHAUSTED, which islands retry with backoff."""
+
+    def __init__(self, total: int, per_island: int) -> None:
+        self.total, self.per_island = total, per_island
+        self.keys: set[tuple[str, int, int]] = set()
+        self.of_island: dict[str, int] = {}
+
+    def open(self, key: tuple[str, int, int]) -> None:
+        island = key[0]
+        if key in self.keys:
+            raise Busy(f"push for island '{island}' round {key[1]} fragment {key[2]} is being received on another "
+                       "stream; send it again once that one ended", "ABORTED")
+        if len(self.keys) >= self.total:
+            raise Busy(f"the coordinator is receiving {len(self.keys)} pushes, its limit "
+                       "(coordinator.max_push_streams); send it again shortly")
+        if self.of_island.get(island, 0) >= self.per_island:
+            raise Busy(f"island '{island}' has {self.of_island[island]} pushes in flight, the limit "
+                       "(coordinator.max_push_streams_per_island); send it again once one ended")
+        self.keys.add(key)
+        self.of_island[island] = self.of_island.get(island, 0) + 1
+
+    def close(self, key: tuple[str, int, int]) -> None:
+        self.keys.discard(key)
+        if (left := self.of_island.get(key[0], 0) - 1) > 0:
+            self.of_island[key[0]] = left
+        else:
+            self.of_island.pop(key[0], None)

@@ -10,8 +10,9 @@ added in one pass from its spill file) over a prefix of the round's pushes in ke
   sorts before it can still send one (`mergeable`): pushes that arrive in key order are merged
   while the others are still streaming; the rest wait, as the bytes they arrived as;
 - when the round closes, whatever is not yet summed is added, in order; a push that turned up
-  before one already summed (an island that came back mid-round) restarts the sum from the
-  spilled pushes, so the result is the key-order sum whatever happened;
+  before one already summed (an island that came back mid-round), or a weight the close capped
+  (coordinator/admission.py: `capped_tokens`), restarts the sum from the spilled pushes, so the
+  result is the key-order sum of the weights the round counts, whatever happened;
 - each call names the round generation it was computed for, so a late background call cannot
   add an old round's push to the next round's sum.
 
@@ -50,7 +51,7 @@ class RoundMerge:
     def __init__(self, specs: Sequence[TensorSpec], read: Callable[[Contribution], Payload]) -> None:
         self.sum = WeightedSum(specs)
         self.read = read
-        self.keys: list[Key] = []
+        self.summed: list[tuple[Key, float]] = []  # (key, weight) of each push in the sum, in order
         self.generation = 0
         self.seconds = 0.0  # adding this round's pushes: the round's merge_s
         self.lock = threading.Lock()
@@ -65,24 +66,27 @@ class RoundMerge:
 
     def _zero(self) -> None:
         self.sum.zero_()
-        self.keys = []
+        self.summed = []
+
+    def _is_summed_prefix(self, contributions: Sequence[Contribution]) -> bool:
+        return [(c.key, c.weight) for c in contributions[:len(self.summed)]] == self.summed
 
     def extend(self, target: Sequence[Contribution], generation: int) -> None:
         """Add what ``target`` (contributions in key order, computed for round ``generation``) has
         beyond the sum, if the sum is a prefix of it; else nothing (a stale call: the close sorts
         it out)."""
         with self.lock:
-            if generation == self.generation and [c.key for c in target[:len(self.keys)]] == self.keys:
-                self._add(target[len(self.keys):])
+            if generation == self.generation and self._is_summed_prefix(target):
+                self._add(target[len(self.summed):])
 
     def mean(self, contributions: Sequence[Contribution], generation: int) -> dict[str, torch.Tensor]:
         """g over exactly ``contributions`` (the whole round, in key order), starting the sum again
         if it holds anything else."""
         with self.lock:
             assert generation == self.generation, "the round's merge moved on under its close"
-            if [c.key for c in contributions[:len(self.keys)]] != self.keys:
-                self._zero()  # something before what is summed turned up: start again, in order
-            self._add(contributions[len(self.keys):])
+            if not self._is_summed_prefix(contributions):
+                self._zero()  # something before what is summed turned up, or a weight was capped: again
+            self._add(contributions[len(self.summed):])
             return self.sum.mean()
 
     def _add(self, contributions: Sequence[Contribution]) -> None:
@@ -90,4 +94,4 @@ class RoundMerge:
             start = time.perf_counter()
             self.sum.add(self.read(c), c.weight, verify_sha256=False)
             self.seconds += time.perf_counter() - start
-            self.keys.append(c.key)
+            self.summed.append((c.key, c.weight))

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +41,7 @@ from urllib.parse import quote
 import torch
 
 from archipelago.checkpoint import prune_checkpoints, read_checkpoint, write_checkpoint
-from coordinator.admission import NoSuchCheckpoint, PushClaim, admit
+from coordinator.admission import NoSuchCheckpoint, PushClaim, admit, capped_tokens
 from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.guard import Guard, round_loss
@@ -306,7 +306,7 @@ class RoundEngine:
         expected = set(self.membership.live()) - self.done_islands()
         keys = mergeable(sorted(self.pending[fragment]), expected)
         merge = self.merges[fragment]
-        if len(keys) > len(merge.keys):
+        if len(keys) > len(merge.summed):
             target = [self.pending[fragment][k] for k in keys]
             await asyncio.to_thread(merge.extend, target, merge.generation)
 
@@ -365,10 +365,14 @@ class RoundEngine:
     def _outer_step(self, fragment: int, contributions: list[Contribution], generation: int) -> OuterStep:
         """Aggregate and step θ_g in place (docs/design.md, step 7): the weighted mean from the
         round's merge, or, with robust aggregation, from every push decoded."""
+        counted = capped_tokens([c.tokens for c in contributions], self.cfg.token_cap_factor)
+        capped = {c.island_id: n for c, n in zip(contributions, counted, strict=True) if n != c.tokens}
+        contributions = [c if n == c.tokens else replace(c, weight=c.weight * n / c.tokens)
+                         for c, n in zip(contributions, counted, strict=True)]
         saved = self.params.save_fragment(fragment)
         norms_before = self.aggregator.state()
         merge = self.merges[fragment]
-        merged_early = len(merge.keys)
+        merged_early = len(merge.summed)
         if self.aggregator.robust:
             start = time.perf_counter()
             specs = self.params.fragment_specs(fragment)
@@ -380,6 +384,8 @@ class RoundEngine:
             merge_s = merge.seconds
         stepped = self.params.outer_step(grad, self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.nesterov)
         step_norm = l2_norm({n: stepped[n] - saved["theta_g"][n] for n in stepped})
+        if capped:
+            robust = {**robust, "tokens_capped": capped}
         return OuterStep(saved, norms_before, grad, stepped, step_norm, robust, merge_s, merged_early)
 
     def _close(self, fragment: int) -> list[RoundEvent]:

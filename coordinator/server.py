@@ -23,9 +23,10 @@ import torch
 
 from archipelago.checkpoint import read_checkpoint
 from archipelago.errors import UserError
+from archipelago.runinfo import strict_json
 from coordinator.admission import NoSuchCheckpoint, PushClaim, Refused, admit, check_push_fields
 from coordinator.config import CoordinatorConfig
-from coordinator.ingest import BodyWriter, check_body, receive_body
+from coordinator.ingest import BodyWriter, PushStreams, check_body, receive_body
 from coordinator.membership import LeaseError, Member, Membership, load_tokens, same_secret
 from coordinator.metrics import Metrics
 from coordinator.params import Contribution, ParamState
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 STATUS = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION",
-    "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE", "UNAVAILABLE")}
+    "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DATA_LOSS", "OUT_OF_RANGE", "UNAVAILABLE", "ABORTED")}
 
 
 ACTION_KEY = "archipelago-action"  # trailing metadata: what the island should do about a refusal
@@ -83,6 +84,7 @@ class Coordinator:
                     "fragments": num_fragments, "tensor_names": manifest["tensor_names"]}
         self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
         self.engine.on_fenced = self.fenced
+        self.streams = PushStreams(cfg.max_push_streams, cfg.max_push_streams_per_island)
         compile_in_background(cfg.broadcast_scheme)  # the merge's kernels come with each push's scheme
         self.resumed = self.engine.restore()
         self._check_shard_state()
@@ -168,7 +170,7 @@ class Coordinator:
                   "shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
                   "fragments_owned": self.params.owned}
         return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
-                              islands=islands, json=json.dumps(detail))
+                              islands=islands, json=json.dumps(strict_json(detail), allow_nan=False))
 
     async def run_ticker(self) -> None:
         while not self.stopping.is_set():
@@ -232,6 +234,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Refused as exc:
             await _abort(context, exc)
             return
+        if not request.full and request.since_version > c.engine.version:
+            await _abort(context, Refused(
+                f"since_version {request.since_version} is ahead of the coordinator's version {c.engine.version} "
+                f"(timeline {c.engine.timeline}): this coordinator never produced it; pull the full θ_b",
+                "FAILED_PRECONDITION", "reload"))
+            return
         async with c.engine.lock:
             records = None if request.full else c.engine.deltas_since(request.since_version)
             if records is None:
@@ -252,8 +260,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Acknowledged once durable (spilled, recorded pending): the round it completes closes after
         the reply, and islands hear of the commit as a COMMITTED event (docs/design.md step 6)."""
         c = self.c
+        stream: list[tuple[str, int, int]] = []  # the key this stream holds a slot for, once it has one
         try:
-            contribution, member, nbytes, timeline = await self._receive_push(request_iterator)
+            contribution, member, nbytes, timeline = await self._receive_push(request_iterator, stream)
             open_round = c.engine.rounds[contribution.fragment]
             try:
                 version = await c.engine.submit(contribution, timeline)
@@ -263,6 +272,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             c.metrics.refused.labels(reason=exc.code).inc()
             log.warning("push refused: %s %s", exc.code, exc)
             await _abort(context, exc)
+        finally:
+            for key in stream:  # received (pending now) or refused: the slot is free again
+                c.streams.close(key)
         member.pushes += 1
         member.bytes_in += nbytes
         c.metrics.pushes.labels(island=member.island_id).inc()
@@ -273,8 +285,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PushReply(accepted=True, round=contribution.round, version=version,
                             message=f"accepted for fragment {contribution.fragment}{late}")
 
-    async def _receive_push(self, request_iterator) -> tuple[Contribution, Member, int, int]:
-        """Read one push: lease, header, admission, then the body into its spill file, checked."""
+    async def _receive_push(self, request_iterator, stream: list) -> tuple[Contribution, Member, int, int]:
+        """Read one push: lease, header, admission, a stream slot (its key appended to ``stream``),
+        then the body into its spill file, checked."""
         c = self.c
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -285,12 +298,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             check_codec_header(h)
             claim = PushClaim(member.island_id, h.round, h.fragment, h.base_version, h.timeline)
             staleness = admit(claim, c.engine, c.cfg.staleness_limit)
-            check_push_fields(h.tokens)
+            check_push_fields(h, c.cfg.max_tokens_per_push)
             check_frame(h, c.cfg.chunk_bytes, c.cfg.max_payload_bytes)
             codec_header = check_push_codec_header(h)
             compile_in_background(codec_header["scheme"])
             specs = c.params.fragment_specs(h.fragment)
             check_header(codec_header, specs)
+            c.streams.open(claim.key)
+            stream.append(claim.key)
             writer = BodyWriter(c.engine.temp_path(claim.key), h, codec_header)
             received = first.ByteSize() + await receive_body(writer, request_iterator)
         except FramingError as exc:

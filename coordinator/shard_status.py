@@ -10,7 +10,6 @@ add up across shards.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 
@@ -70,12 +69,3 @@ def merge_status(addresses: list[str], replies: list[dict[str, Any] | str]) -> d
     return {"shards": shards, "combined": combined}
 
 
-def strict(value: Any) -> Any:
-    """`value` with every non-finite float replaced by None, so that it prints as strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    return value

@@ -9,7 +9,9 @@ The outer loop (island/diloco.py) sees a small interface: `register`, `push(head
   `--coordinator a:1,b:2` in turn (a standby that took over);
 - a refusal whose trailing metadata `archipelago-action` says `register` (lease unknown, fenced or
   expired: a restarted or new leader) registers again, a new epoch, and tells the outer loop;
-- a push that arrived corrupted (DATA_LOSS) is sent again;
+- a push that arrived corrupted (DATA_LOSS) is sent again, and so is one the coordinator had no
+  room for (`archipelago-action: retry`: at its limit of concurrent push streams, or the same
+  push still in flight on an older stream);
 - a subscribe thread keeps the event stream open (after a gap it queues a resync event, since
   commits may have been missed), and a heartbeat thread renews the lease every TTL/3 and hands each
   reply to the outer loop, which compares it with what it holds.
@@ -153,9 +155,15 @@ class CoordinatorLink:
     def fetch(self, since: int, full: bool = False, patient: bool = True) -> list[tuple[pb.PayloadHeader, Payload]]:
         """Every outer delta after version `since` (or, with `full` or when the coordinator no longer
         holds them all, the full θ_b), in version order, each as its header and payload.
-        `patient=False`: no retries while the coordinator is unreachable (see `call`)."""
-        parts = self.call(lambda: list(self.stub.PullParams(
-            pb.PullRequest(lease=self.lease, full=full, since_version=since))), patient=patient)
+        `patient=False`: no retries while the coordinator is unreachable (see `call`). A `since`
+        the coordinator never produced (it rolled back past it) gets the full θ_b."""
+        try:
+            parts = self.call(lambda: list(self.stub.PullParams(
+                pb.PullRequest(lease=self.lease, full=full, since_version=since))), patient=patient)
+        except grpc.RpcError as exc:
+            if full or _action(exc) != "reload":
+                raise
+            return self.fetch(since, full=True, patient=patient)
         return read_stream(parts)
 
     def start_thread(self, target: Callable[[], None], name: str) -> None:
@@ -198,12 +206,13 @@ class CoordinatorLink:
                 if register and _action(exc) == "register" and time.monotonic() < deadline:
                     self.rejoin(lease)
                     continue
-                retry = exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
+                busy = _action(exc) == "retry"  # at its stream limit, or this push is in flight already
+                retry = busy or exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
                 if not patient and exc.code() in RETRYABLE and stub is self.stub:
                     self._next_address()
                 if not retry or not patient or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
-                self.reconnects += 1
+                self.reconnects += not busy
                 log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
                 if exc.code() in RETRYABLE and stub is self.stub:
                     self._next_address()

@@ -30,7 +30,7 @@ from island.data import open_dataset
 from sim.chaos_cluster import run_cluster
 from sim.goodput import accounting, dp_goodput, step_seconds
 from sim.island_faults import IslandChaosConfig, IslandFaultInjector, chaos_fields, check_chaos
-from sim.run import simulate
+from sim.run import bound_push_tokens, simulate
 from sim.run_faults import RunChaosConfig, handles, load_config, recovery
 
 ISLAND_SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
@@ -92,6 +92,7 @@ def island_chaos(args: argparse.Namespace) -> int:
 def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)
+    bound_push_tokens(cfg)
     preset_file = out / "chaos-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     use_etcd = cfg.faults.failover == "etcd" or (cfg.faults.failover == "auto" and shutil.which("etcd"))

@@ -279,9 +279,21 @@ def warm_start(cfg: SimConfig, out: Path) -> tuple[Transformer, Path, dict[str, 
     return trainer.model, path, facts
 
 
+PUSH_TOKENS_FACTOR = 4  # a push may claim this many times the tokens of an island's longest round
+
+
+def bound_push_tokens(cfg: SimConfig) -> None:
+    """Unless the preset bounds it, `coordinator.max_tokens_per_push` becomes `PUSH_TOKENS_FACTOR` ×
+    the tokens one island trains on in its longest round (docs/design.md step 6)."""
+    if not cfg.coordinator.max_tokens_per_push:
+        longest = max(cfg.diloco.steps_in_round(r) for r in range(cfg.diloco.rounds))
+        cfg.coordinator.max_tokens_per_push = PUSH_TOKENS_FACTOR * longest * cfg.train.batch_size * cfg.train.seq_len
+
+
 def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)  # prepare once, before any process needs it
+    bound_push_tokens(cfg)
     preset_file = out / "sim-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     warm = warm_start(cfg, out / "warmstart") if cfg.sim.warmstart_steps else None

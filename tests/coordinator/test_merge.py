@@ -49,11 +49,11 @@ def test_the_mean_is_the_key_order_sum_whatever_was_merged_early(tmp_path):
     merge = RoundMerge(SPECS, lambda c: read_payload(c.path))
     gen = merge.reset()
     merge.extend(cs[:2], gen)  # the first two in key order arrived first: summed early
-    assert merge.keys == [c.key for c in cs[:2]]
+    assert merge.summed == [(c.key, c.weight) for c in cs[:2]]
     merge.extend(cs[:1], gen)  # a stale, shorter call changes nothing
-    assert len(merge.keys) == 2
+    assert len(merge.summed) == 2
     merge.extend([cs[0], cs[2]], gen)  # not an extension of what is summed: left to the close
-    assert len(merge.keys) == 2
+    assert len(merge.summed) == 2
     mean = merge.mean(cs, gen)
     assert all(torch.equal(mean[n], want[n]) for n in ("w", "b")) and merge.seconds > 0
 
@@ -73,4 +73,4 @@ def test_a_call_for_an_old_round_adds_nothing(tmp_path):
     old = merge.reset()
     new = merge.reset()  # the round closed meanwhile
     merge.extend(cs, old)
-    assert merge.keys == [] and not merge.sum.flat.any() and new == old + 1
+    assert merge.summed == [] and not merge.sum.flat.any() and new == old + 1
