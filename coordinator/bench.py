@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from coordinator.config import CoordinatorConfig
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload, encode, payload_nbytes
+from protos.fragments import split_fragments
 from protos.framing import split_chunks
 from protos.quant import SCHEMES
 
@@ -74,21 +75,27 @@ class BenchConfig:
     timeout_s: float = 600.0
     spill_bytes: int = 64 << 20  # written (and fsynced) once to the disk and once to the state directory
     disk_dir: str = "."  # where spill_MBps is measured: a folder on the disk a coordinator would use
+    shards: int = 1  # coordinator shards (processes), one fragment each: islands push every fragment to its shard
 
     def __post_init__(self) -> None:
         if (self.islands < 1 or self.rounds < 1 or self.warmup < 0 or self.params < 1 or self.distinct_payloads < 1
-                or self.spill_bytes < 1):
-            raise cfglib.ConfigError("--islands, --rounds, --params, --distinct-payloads and --spill-bytes must be "
-                                     ">= 1 and --warmup >= 0")
+                or self.spill_bytes < 1 or self.shards < 1):
+            raise cfglib.ConfigError("--islands, --rounds, --params, --distinct-payloads, --spill-bytes and --shards "
+                                     "must be >= 1 and --warmup >= 0")
+        if self.shards > -(-self.params // TENSOR_NUMEL):
+            raise cfglib.ConfigError(f"--shards {self.shards}: the {self.params:,} params make only "
+                                     f"{-(-self.params // TENSOR_NUMEL)} tensors of {TENSOR_NUMEL:,}, one fragment "
+                                     "needs at least one")
         if self.scheme not in SCHEMES:
             raise cfglib.ConfigError(f"--scheme {self.scheme!r} is not one of {sorted(SCHEMES)}")
 
 
 def model_sized(params: int, seed: int, scale: float) -> dict[str, torch.Tensor]:
-    """``params`` fp32 elements of N(0, scale²) as tensors of `TENSOR_NUMEL` elements (the last shorter)."""
+    """``params`` fp32 elements of N(0, scale²) as tensors of `TENSOR_NUMEL` elements (the last shorter),
+    one per "layer", so that fragments split them evenly (protos/fragments.py)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = [TENSOR_NUMEL] * (params // TENSOR_NUMEL) + ([params % TENSOR_NUMEL] if params % TENSOR_NUMEL else [])
-    return {f"tensor.{i:04d}": torch.randn(n, generator=gen) * scale for i, n in enumerate(sizes)}
+    return {f"layers.{i}.weight": torch.randn(n, generator=gen) * scale for i, n in enumerate(sizes)}
 
 
 def memcpy_mbps(tensors: dict[str, torch.Tensor], repeats: int = 5) -> float:
@@ -135,10 +142,11 @@ def percentile(values: list[float], q: float) -> float:
 class CoordinatorProcess:
     """`archipelago coordinator serve` in its own session, stopped by Admin.Shutdown or killed by pid."""
 
-    def __init__(self, cfg: CoordinatorConfig, init: Path, workdir: Path, credential: str) -> None:
-        preset = workdir / "coordinator.toml"
+    def __init__(self, cfg: CoordinatorConfig, init: Path, workdir: Path, credential: str,
+                 name: str = "coordinator") -> None:
+        preset = workdir / f"{name}.toml"
         preset.write_text(cfglib.dump_toml({"coordinator": asdict(cfg)}))
-        self.log_path = workdir / "coordinator.log"
+        self.log_path = workdir / f"{name}.log"
         self.address_file = Path(cfg.state_dir) / "address"
         self.credential = credential
         with open(self.log_path, "w") as log:
@@ -193,94 +201,106 @@ class CoordinatorProcess:
 
 
 class FakeIsland:
-    """Registers, pushes a prepared payload for each round, pulls each round's delta; trains nothing."""
+    """Registers with every shard, pushes a prepared payload of each fragment to its shard every
+    round, pulls each round's deltas; trains nothing."""
 
-    def __init__(self, island_id: str, token: str, address: str, options: list[tuple[str, int]]) -> None:
+    def __init__(self, island_id: str, token: str, addresses: list[str], options: list[tuple[str, int]]) -> None:
         self.island_id, self.token = island_id, token
-        self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.lease: pb.Lease | None = None
+        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.stubs = [pb_grpc.CoordinatorStub(c) for c in self.channels]
+        self.leases: list[pb.Lease] = []
         self.bytes_pulled = 0
 
-    async def register(self, config_hash: str) -> int:
-        reply = await self.stub.Register(pb.RegisterRequest(island_id=self.island_id, token=self.token,
-                                                            config_hash=config_hash), timeout=60)
-        self.lease = pb.Lease(island_id=self.island_id, lease_id=reply.lease_id, epoch=reply.epoch)
-        return reply.version
+    async def register(self, config_hash: str) -> list[int]:
+        """Register with every shard; each shard's version."""
+        replies = [await stub.Register(pb.RegisterRequest(island_id=self.island_id, token=self.token,
+                                                          config_hash=config_hash), timeout=60) for stub in self.stubs]
+        self.leases = [pb.Lease(island_id=self.island_id, lease_id=r.lease_id, epoch=r.epoch) for r in replies]
+        return [r.version for r in replies]
 
-    async def push(self, payload: Payload, chunks: list[pb.PushPart], round_: int, version: int,
+    async def push(self, fragment: int, payload: Payload, chunks: list[pb.PushPart], round_: int, version: int,
                    tokens: int, timeout_s: float) -> pb.PushReply:
-        header = pb.PushHeader(lease=self.lease, fragment=0, round=round_, base_version=version, tokens=tokens,
-                               loss_mean=float("nan"), eval_loss=float("nan"), scheme=payload.header["scheme"],
-                               codec_header=payload.header_bytes(), body_len=len(payload.body),
-                               body_sha256=payload.header["body_sha256"], num_chunks=len(chunks))
+        """Fragment ``fragment`` to its shard (shard f owns fragment f here)."""
+        header = pb.PushHeader(lease=self.leases[fragment], fragment=fragment, round=round_, base_version=version,
+                               tokens=tokens, loss_mean=float("nan"), eval_loss=float("nan"),
+                               scheme=payload.header["scheme"], codec_header=payload.header_bytes(),
+                               body_len=len(payload.body), body_sha256=payload.header["body_sha256"],
+                               num_chunks=len(chunks))
 
         async def parts():
             yield pb.PushPart(header=header)
             for part in chunks:
                 yield part
 
-        return await self.stub.PushPseudoGrad(parts(), timeout=timeout_s)
+        return await self.stubs[fragment].PushPseudoGrad(parts(), timeout=timeout_s)
 
-    async def committed(self, events: asyncio.Queue) -> None:
-        """Put every COMMITTED event's version on ``events`` (until cancelled)."""
-        async for event in self.stub.Subscribe(pb.SubscribeRequest(lease=self.lease)):
+    async def committed(self, shard: int, events: asyncio.Queue) -> None:
+        """Put (shard, version) of every COMMITTED event of ``shard`` on ``events`` (until cancelled)."""
+        async for event in self.stubs[shard].Subscribe(pb.SubscribeRequest(lease=self.leases[shard])):
             if event.kind == pb.Event.COMMITTED:
-                events.put_nowait(event.version)
+                events.put_nowait((shard, event.version))
 
     async def pull(self, since: int, timeout_s: float) -> None:
-        async for part in self.stub.PullParams(pb.PullRequest(lease=self.lease, since_version=since),
-                                               timeout=timeout_s):
-            self.bytes_pulled += part.ByteSize()
+        for stub, lease in zip(self.stubs, self.leases, strict=True):
+            async for part in stub.PullParams(pb.PullRequest(lease=lease, since_version=since), timeout=timeout_s):
+                self.bytes_pulled += part.ByteSize()
 
     async def close(self) -> None:
-        await self.channel.close()
+        await asyncio.gather(*(c.close() for c in self.channels))
 
 
-async def drive(bench: BenchConfig, cfg: CoordinatorConfig, address: str, tokens: dict[str, str], config_hash: str,
-                payloads: list[Payload], coordinator: CoordinatorProcess) -> dict[str, Any]:
-    """Register every island, run warmup + measured rounds, and time them."""
+async def drive(bench: BenchConfig, cfg: CoordinatorConfig, addresses: list[str], tokens: dict[str, str],
+                config_hash: str, payloads: list[list[Payload]],
+                coordinators: list[CoordinatorProcess]) -> dict[str, Any]:
+    """Register every island, run warmup + measured rounds, and time them. ``payloads[k][f]``:
+    distinct payload k of fragment f."""
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    islands = [FakeIsland(i, t, address, options) for i, t in tokens.items()]
-    chunks = [[pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
-               for c in split_chunks(p.body, cfg.chunk_bytes)] for p in payloads]
-    rounds: list[dict[str, float]] = []
+    islands = [FakeIsland(i, t, addresses, options) for i, t in tokens.items()]
+    chunks = [[[pb.PushPart(chunk=pb.Chunk(index=c.index, data=c.data, crc32=c.crc32))
+                for c in split_chunks(p.body, cfg.chunk_bytes)] for p in by_fragment] for by_fragment in payloads]
+    shards = len(addresses)
+    rounds: list[dict[str, Any]] = []
     kernels: dict[str, Any] = {}
-    events: asyncio.Queue[int] = asyncio.Queue()
-    listener = None
+    events: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    listeners: list[asyncio.Task] = []
     try:
         versions = await asyncio.gather(*(i.register(config_hash) for i in islands))
-        version = max(versions)
-        listener = asyncio.create_task(islands[0].committed(events))
+        version = max(v for vs in versions for v in vs)  # every shard starts fresh: the same version
+        listeners = [asyncio.create_task(islands[0].committed(s, events)) for s in range(shards)]
         total = bench.warmup + bench.rounds
         with progress() as bar:
             task = bar.add_task(f"{bench.islands} islands", total=total, info="")
             for r in range(total):
                 if r == bench.warmup:
-                    kernels = await asyncio.to_thread(coordinator.wait_kernels, address, bench.scheme,
-                                                      bench.timeout_s)
+                    for coordinator, address in zip(coordinators, addresses, strict=True):
+                        kernels = await asyncio.to_thread(coordinator.wait_kernels, address, bench.scheme,
+                                                          bench.timeout_s)
                 start = time.perf_counter()
                 await asyncio.gather(*(
-                    island.push(payloads[k % len(payloads)], chunks[k % len(chunks)], r, version, 1024,
-                                bench.timeout_s) for k, island in enumerate(islands)))
+                    island.push(f, payloads[k % len(payloads)][f], chunks[k % len(chunks)][f], r, version, 1024,
+                                bench.timeout_s) for k, island in enumerate(islands) for f in range(shards)))
                 acked = time.perf_counter()
-                while (committed_version := await asyncio.wait_for(events.get(), bench.timeout_s)) <= version:
-                    pass
+                done: set[int] = set()
+                while len(done) < shards:
+                    shard, committed_version = await asyncio.wait_for(events.get(), bench.timeout_s)
+                    if committed_version > version + 1:
+                        raise RuntimeError(f"round {r}: shard {shard} committed version {committed_version}, "
+                                           f"not {version + 1}")
+                    if committed_version == version + 1:
+                        done.add(shard)
                 committed = time.perf_counter()
-                if committed_version != version + 1:
-                    raise RuntimeError(f"round {r} committed version {committed_version}, not {version + 1}")
                 await asyncio.gather(*(island.pull(version, bench.timeout_s) for island in islands))
                 pulled = time.perf_counter()
                 version += 1
                 rounds.append({"round": r, "warmup": r < bench.warmup, "ingest_s": acked - start,
                                "commit_s": committed - start, "round_s": pulled - start,
-                               "rss_MB": coordinator.rss_mb()})
+                               "rss_MB": sum(c.rss_mb() for c in coordinators)})
                 bar.update(task, completed=r + 1, info=f"{pulled - start:.2f}s")
     finally:
-        if listener is not None:
+        for listener in listeners:
             listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+        await asyncio.gather(*listeners, return_exceptions=True)
         await asyncio.gather(*(i.close() for i in islands))
     return {"rounds": rounds, "bytes_pulled_per_island": islands[0].bytes_pulled, "final_version": version,
             "codec_kernels": kernels}
@@ -294,25 +314,33 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     names = list(theta)
     config_hash = cfglib.config_hash({"bench": "coordinator", "tensors": [[n, list(t.shape)] for n, t in theta.items()]})
     init = write_checkpoint(workdir / "init", {"model.safetensors": theta}, {
-        "kind": "init", "config_hash": config_hash, "model": None, "fragments": 1, "tensor_names": names,
+        "kind": "init", "config_hash": config_hash, "model": None, "fragments": bench.shards, "tensor_names": names,
         "seed": bench.seed})
+    fragments = split_fragments(names, bench.shards)
     grads = [model_sized(bench.params, bench.seed + 1 + k, scale=1e-3) for k in range(bench.distinct_payloads)]
-    payloads = [encode(g, bench.scheme) for g in grads]
+    payloads = [[encode({n: g[n] for n in fragment}, bench.scheme) for fragment in fragments] for g in grads]
+    push_bytes = sum(payload_nbytes(p) for p in payloads[0])
     memcpy = memcpy_mbps(grads[0])
     tokens = {f"island-{i:03d}": secrets.token_hex(8) for i in range(bench.islands)}
     (workdir / "islands.json").write_text(json.dumps(tokens))
     cfg = CoordinatorConfig(host="127.0.0.1", port=0, state_dir=str(workdir / "coordinator"),
                             islands_file=str(workdir / "islands.json"), lease_ttl_s=max(60.0, bench.timeout_s),
                             min_islands=bench.islands, checkpoint_every=bench.checkpoint_every,
-                            broadcast_scheme=bench.scheme)
-    coordinator = CoordinatorProcess(cfg, init, workdir, secrets.token_hex(16))
-    address = None
+                            broadcast_scheme=bench.scheme, num_shards=bench.shards)
+    credential = secrets.token_hex(16)
+    shard_cfgs = [cfg] if bench.shards == 1 else [
+        replace(cfg, shard_index=i, state_dir=str(workdir / "coordinator" / f"shard-{i}")) for i in range(bench.shards)]
+    coordinators = [CoordinatorProcess(c, init, workdir, credential, "coordinator" if bench.shards == 1 else
+                                       f"coordinator-shard-{c.shard_index}") for c in shard_cfgs]
+    addresses: list[str | None] = [None] * len(coordinators)
     try:
-        address = coordinator.wait_address(START_TIMEOUT_S)
-        driven = asyncio.run(drive(bench, cfg, address, tokens, config_hash, payloads, coordinator))
-        history = coordinator.merges(address)
+        for i, coordinator in enumerate(coordinators):
+            addresses[i] = coordinator.wait_address(START_TIMEOUT_S)
+        driven = asyncio.run(drive(bench, cfg, addresses, tokens, config_hash, payloads, coordinators))
+        histories = [c.merges(a) for c, a in zip(coordinators, addresses, strict=True)]
     finally:
-        coordinator.stop(address)
+        for coordinator, address in zip(coordinators, addresses, strict=True):
+            coordinator.stop(address)
     spill_state = fsync_write_mbps(workdir / "coordinator", bench.spill_bytes)
     spill_disk = fsync_write_mbps(Path(bench.disk_dir), bench.spill_bytes)
 
@@ -323,17 +351,19 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     fp32_mb = bench.params * 4 / 1e6
     aggregation = bench.islands * fp32_mb / statistics.median(commit_s)
     first_measured = driven["final_version"] - len(measured) + 1
-    entries = [e for v, e in sorted(history.items()) if v >= first_measured]
-    if len(entries) != len(measured):
-        raise RuntimeError(f"the coordinator's history lists {len(entries)} of the {len(measured)} measured versions")
-    merge_s = [e["merge_s"] for e in entries]
+    entries = [[e for v, e in sorted(h.items()) if v >= first_measured] for h in histories]
+    if any(len(e) != len(measured) for e in entries):
+        raise RuntimeError(f"the coordinators' histories list {[len(e) for e in entries]} of the {len(measured)} "
+                           "measured versions")
+    # The shards merge at the same time, each its own fragment: a round's merge takes the longest of theirs.
+    merge_s = [max(e[r]["merge_s"] for e in entries) for r in range(len(measured))]
     merge = bench.islands * fp32_mb / statistics.median(merge_s)
-    ingest = bench.islands * payload_nbytes(payloads[0]) / 1e6 / statistics.median(ingest_s)
+    ingest = bench.islands * push_bytes / 1e6 / statistics.median(ingest_s)
     rss = [r["rss_MB"] for r in driven["rounds"]]
     last = rss[-100:] if len(rss) > 100 else rss
     return {
         "islands": bench.islands, "params": bench.params, "scheme": bench.scheme, "measured_rounds": len(measured),
-        "push_bytes": payload_nbytes(payloads[0]), "fp32_bytes": bench.params * 4,
+        "shards": bench.shards, "push_bytes": push_bytes, "fp32_bytes": bench.params * 4,
         "delta_bytes_pulled_per_round": driven["bytes_pulled_per_island"] / len(driven["rounds"]),
         "rounds_per_s": len(round_s) / sum(round_s),
         "round_latency_s": {"p50": percentile(round_s, 50), "p99": percentile(round_s, 99), "all": round_s},
@@ -343,7 +373,7 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
         "ingest_wire_MBps": ingest,
         "merge_MBps": merge,
         "merge_s": {"p50": percentile(merge_s, 50), "all": merge_s},
-        "merged_before_close": [e.get("merged_early") for e in entries],
+        "merged_before_close": [sum(e[r].get("merged_early", 0) for e in entries) for r in range(len(measured))],
         "rss_MB": rss,
         "rss_growth_last_100": last[-1] / last[0] - 1,
         "codec_kernels": driven["codec_kernels"],
@@ -380,6 +410,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-dir", default=d.disk_dir,
                    help="a folder on the disk, where spill_MBps (fsynced writes) is measured (default: .)")
     p.add_argument("--spill-bytes", type=int, default=d.spill_bytes, help="bytes written for each spill figure")
+    p.add_argument("--shards", type=int, default=d.shards,
+                   help="coordinator shards (processes); the pushed tensors are split into this many fragments, "
+                        "one per shard, and every island pushes each to its shard")
     p.add_argument("--json", dest="json_path", required=True, help="write the results here")
     return p
 
@@ -398,7 +431,8 @@ def main(argv: list[str]) -> int:
     write_json(Path(args.json_path), result)
     from rich.table import Table
 
-    table = Table(title=f"coordinator: {bench.islands} islands × {bench.params:,} params ({bench.scheme}, "
+    shards = f", {bench.shards} shards" if bench.shards > 1 else ""
+    table = Table(title=f"coordinator{shards}: {bench.islands} islands × {bench.params:,} params ({bench.scheme}, "
                         f"{result['push_bytes'] / 1e6:.2f} MB a push), {result['measured_rounds']} rounds")
     table.add_column("metric")
     table.add_column("value", justify="right")

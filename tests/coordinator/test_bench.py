@@ -70,3 +70,21 @@ def test_bad_arguments_name_the_flag():
         bench.main(["--islands", "0", "--json", "x.json"])
     with pytest.raises(cfglib.ConfigError, match="--scheme"):
         bench.main(["--scheme", "gzip", "--json", "x.json"])
+
+
+def test_two_shards_each_merge_their_own_fragment(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_main(["coordinator", "--islands", "2", "--rounds", "2", "--warmup", "1", "--params",
+                       str(3 * bench.TENSOR_NUMEL), "--shards", "2", "--json", str(out), "--workdir",
+                       str(tmp_path / "work"), "--disk-dir", str(tmp_path / "disk"), "--spill-bytes", "100000"]) == 0
+    report = json.loads(out.read_text())
+    assert report["shards"] == 2 and report["final_version"] == 3  # each shard committed one version a round
+    assert report["config"]["coordinator"]["num_shards"] == 2
+    for shard in (0, 1):  # each shard's own log shows its commits
+        assert "version 3" in (tmp_path / "work" / f"coordinator-shard-{shard}.log").read_text()
+    assert report["merge_MBps"] > 0 and report["ingest_wire_MBps"] > 0 and len(report["rss_MB"]) == 3
+
+
+def test_more_shards_than_tensors_is_refused():
+    with pytest.raises(cfglib.ConfigError, match="--shards 3"):
+        bench.BenchConfig(params=2 * bench.TENSOR_NUMEL, shards=3)
