@@ -60,7 +60,7 @@ def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byte
     return [*files, INDEX]
 
 
-def _weight_files(folder: Path) -> list[str]:
+def weight_files(folder: Path) -> list[str]:
     if (folder / INDEX).is_file():
         return sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
     if (folder / WEIGHTS).is_file():
@@ -71,7 +71,7 @@ def _weight_files(folder: Path) -> list[str]:
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder, whether in one file or sharded."""
     out: dict[str, torch.Tensor] = {}
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         out.update(load_file(str(folder / file)))
     return out
 
@@ -81,7 +81,7 @@ def has_selection_bias(folder: Path) -> bool:
 
     Reads only the bias tensors (`e_score_correction_bias`), not the weights.
     """
-    for file in _weight_files(Path(folder)):
+    for file in weight_files(Path(folder)):
         with safe_open(str(Path(folder) / file), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 if name.endswith("e_score_correction_bias") and bool(fh.get_tensor(name).any()):

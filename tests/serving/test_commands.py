@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
+import torch
 
 from archipelago.cli import main as cli
-from serving import serve
-from serving.export import ExportOptions, export_checkpoint
+from serving import fp8, serve
+from serving.export import ExportOptions, export_checkpoint, load_with_transformers
+from serving.hf_folder import read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +70,33 @@ def test_serve_starts_vllm_serve_with_the_models_settings(exported, monkeypatch,
     # The export carries a nonzero selection bias, which only vLLM's Transformers backend keeps on CPU.
     assert argv[argv.index("--model-impl") + 1] == "transformers"
     assert argv[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_an_fp8_moe_export_is_served_dequantized_on_a_host_without_cuda(checkpoints, monkeypatch, tmp_path, capsys):
+    """vLLM's CPU backend has no FP8 MoE kernel; `archipelago serve` says so and serves a dequantized copy."""
+    fp8_folder = export_checkpoint(checkpoints["qwen3_moe"], tmp_path / "fp8",
+                                   ExportOptions(dtype="bf16", fp8=True)).out
+    record = tmp_path / "argv.json"
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\npython3 -c 'import json, sys; json.dump(sys.argv[1:], open(\"{record}\", \"w\"))' "
+                    "\"$@\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert cli(["serve", "--model", str(fp8_folder)]) == 0
+    served = Path(json.loads(record.read_text())[1])
+    assert served == fp8_folder.resolve().with_name("fp8-dequantized")
+    assert "Unsupported FP8 MoE backend" in capsys.readouterr().err
+    config = json.loads((served / "config.json").read_text())
+    assert "quantization_config" not in config and (served / "tokenizer.json").is_file()
+    want = {n: t.to(torch.bfloat16) for n, t in fp8.dequantize_tensors(read_tensors(fp8_folder)).items()}
+    got = read_tensors(served)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    model = load_with_transformers(served)  # transformers reads it as an ordinary bf16 model
+    assert sum(p.numel() for p in model.parameters()) > 0
+    stamp = (served / serve.DEQUANTIZED_STAMP).stat().st_mtime_ns
+    assert serve.servable_folder(fp8_folder) == served  # written once: the second serve reuses it
+    assert (served / serve.DEQUANTIZED_STAMP).stat().st_mtime_ns == stamp
+    # A dense FP8 export, and anything on a host with CUDA, is served as it is.
+    dense = export_checkpoint(checkpoints["qwen3"], tmp_path / "dense", ExportOptions(dtype="bf16", fp8=True)).out
+    assert serve.servable_folder(dense) == dense
