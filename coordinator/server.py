@@ -78,7 +78,8 @@ class Coordinator:
         self.resumed = self.engine.restore()
         if not self.resumed:
             self.engine.checkpoint()
-        self.metrics = Metrics(cfg.metrics_port)
+        self.metrics = Metrics(cfg.metrics_port, cfg.host)
+        self.engine.observer = self.metrics
         self.started = time.time()
         self.stopping = asyncio.Event()
         self.stop_reason = ""
@@ -135,6 +136,8 @@ class Coordinator:
                   "checkpoints": sorted(self.store.checkpoints()),
                   "guard": {**self.engine.guard.state(),
                             "decisions": [e for e in history if e.get("kind") in ("refused", "rollback")][-50:]},
+                  "fragment_versions": self.engine.fragment_versions,
+                  "islands_progress": self.metrics.islands_progress(),
                   "uptime_s": time.time() - self.started, "history": history[-50:]}
         return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
                               islands=islands, json=json.dumps(detail))
@@ -212,8 +215,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     messages += frame(pb.PayloadPart, pb.PayloadHeader(
                         version=r.version, fragment=r.fragment, full=False, timeline=c.engine.timeline),
                         r.payload, c.cfg.chunk_bytes)
+        sent = c.metrics.bytes_out.labels(island=member.island_id)
         for message in messages:
             member.bytes_out += message.ByteSize()
+            sent.inc(message.ByteSize())
             yield message
 
     async def PushPseudoGrad(self, request_iterator, context) -> pb.PushReply:
@@ -336,7 +341,6 @@ class AdminService(pb_grpc.AdminServicer):
             await _abort(context, exc)
         except Fenced as exc:
             await _abort(context, c.fenced(exc))
-        c.metrics.rollbacks.inc()
         return pb.AdminReply(ok=True, message=f"rolled back to version {event.version} (timeline {event.timeline}); "
                              "islands were told to reload", version=event.version)
 
