@@ -42,6 +42,7 @@ from coordinator.aggregate import Aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.guard import Guard, round_loss
 from coordinator.membership import Membership
+from coordinator.metrics import RoundObserver
 from coordinator.params import Contribution, ParamState
 from coordinator.spool import read_payload, remove, write_payload
 from coordinator.store import Key, Spill, StateStore
@@ -112,6 +113,7 @@ class RoundEngine:
         # island -> fragments whose last push (PushHeader.last) was applied or refused: an island
         # with all of them finished its run and no longer counts toward quorums.
         self.finished: dict[str, list[int]] = {}
+        self.observer = RoundObserver()  # told of every commit and refusal (coordinator/metrics.py)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -342,6 +344,7 @@ class RoundEngine:
                           checkpoint=checkpoint)
         self.version, self.rounds, self.fragment_versions = version, rounds, fragment_versions
         self.pending[fragment] = {}
+        self.observer.on_commit(fragment, round_, contributions, info, self.opened_at[fragment])
         self.opened_at[fragment] = time.monotonic()
         self.deltas.append(DeltaRecord(self.version, fragment, round_, payload))
         self.history.append({"kind": "committed", "version": self.version, "fragment": fragment, "round": round_,
