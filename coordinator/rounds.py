@@ -368,6 +368,7 @@ class RoundEngine:
         self._note_finished(contributions)
         self.store.refuse(keys, event, self.meta())
         self.history.append(event)
+        self.observer.on_refuse(fragment, round_, contributions, event)
         log.warning("guard refused fragment %d round %d (%d in a row): %s", fragment, round_, in_a_row, reason)
         events = [RoundEvent("SKIPPED", self.version, fragment, round_, reason, self.timeline)]
         if self.guard.should_roll_back():
