@@ -94,8 +94,9 @@ def _of(value: int | None, total: int | None) -> str:
 
 def render(view: RunView) -> Group:
     """The panel a terminal shows."""
+    eta = f" · ETA {duration(view.eta_s)}" if view.eta_s is not None else ""
     parts: list[Any] = [Text.from_markup(f"[bold]{view.title}[/] · {view.phase} · {duration(view.elapsed_s)} "
-                                         f"elapsed · ETA {duration(view.eta_s)}")]
+                                         f"elapsed{eta}")]
     if view.islands:
         table = Table("island", "state", "round", "step", "loss", "tokens/s", "θ_b version", box=None,
                       header_style="bold")
@@ -132,9 +133,44 @@ def commit_line(view: RunView, entry: dict[str, Any]) -> str:
     loss = entry.get("loss_mean")
     loss_text = f", loss {loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
     islands = entry.get("islands") or []
+    eta = f", ETA {duration(view.eta_s)}" if view.eta_s is not None else ""
     return (f"[{view.title}] version {entry['version']}: fragment {entry['fragment']} round {entry['round']} "
             f"committed ({len(islands)} island{'s' if len(islands) != 1 else ''}{loss_text}) · "
-            f"{islands_summary(view)} · {duration(view.elapsed_s)} elapsed, ETA {duration(view.eta_s)}")
+            f"{islands_summary(view)} · {duration(view.elapsed_s)} elapsed{eta}")
+
+
+def event_line(view: RunView, entry: dict[str, Any]) -> str | None:
+    """The line of one entry of the coordinator's history (`coordinator status --json`: a commit,
+    a round the guard refused, a rollback), or None for another kind."""
+    kind = entry.get("kind")
+    if kind == "committed":
+        return commit_line(view, entry)
+    if kind == "refused":
+        return (f"[{view.title}] fragment {entry['fragment']} round {entry['round']} refused by the guard: "
+                f"{entry.get('reason', '')}")
+    if kind == "rollback":
+        return (f"[{view.title}] rolled back from version {entry['from_version']} to {entry['to_version']} "
+                f"(by {entry.get('by')}): {entry.get('reason', '')}")
+    return None
+
+
+def apply_status(view: RunView, detail: dict[str, Any], since: float) -> tuple[list[str], float]:
+    """Take the committed versions from the coordinator's status detail into `view`; the lines of
+    its history entries newer than `since` (their `time`), and the newest time seen."""
+    view.coordinator = ""
+    view.version = detail.get("version")
+    rounds = detail.get("rounds", [])
+    versions = detail.get("fragment_versions") or [None] * len(rounds)
+    view.fragments = [{"fragment": f, "version": v, "round": r}
+                      for f, (r, v) in enumerate(zip(rounds, versions, strict=False))]
+    lines = []
+    for entry in detail.get("history", []):
+        if entry.get("time", 0) > since:
+            since = entry["time"]
+            line = event_line(view, entry)
+            if line is not None:
+                lines.append(line)
+    return lines, since
 
 
 class LiveView:

@@ -1,18 +1,26 @@
 """The coordinator's Prometheus endpoint, scraped over HTTP from an in-process coordinator driven
 through its real gRPC API: commits, a pull, guard refusals and the rollback they cause each show
 in the series docs/design.md (Observability) lists, and `coordinator status` reports per island
-what its pushes said."""
+what its pushes said; `coordinator status --watch` prints a line per commit and shows the islands."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import threading
 import time
 import urllib.request
 
+import pytest
 import torch
+from rich.console import Console
 
+from archipelago.live import LiveView
 from archipelago.procs import free_port
+from coordinator.cli import main as coordinator_cli
 from coordinator.metrics import guard_reason
+from coordinator.watch import watch
 from protos import archipelago_pb2 as pb
 from tests.coordinator.conftest import CoordinatorHarness
 
@@ -85,3 +93,35 @@ def test_guard_reasons_map_to_a_bounded_label():
     assert guard_reason("loss spike: islands report 9 > 1.5 × median 4") == "loss_spike"
     assert guard_reason("non-finite outer step: tensor 'x'") == "non_finite_step"
     assert guard_reason("something new") == "other"
+
+
+def test_status_watch_prints_a_line_per_commit_and_shows_the_islands(coordinator):
+    lease = coordinator.register("island-0")
+    coordinator.commit_round(lease, seed=0)  # before the watch: not printed
+    out = io.StringIO()
+    live = LiveView(Console(file=out, width=200, force_terminal=True), terminal=True, refresh_per_second=20)
+    stop = threading.Event()
+    args = argparse.Namespace(address=coordinator.address, interval=0.05)
+    thread = threading.Thread(target=watch, args=(args, coordinator.admin_status, live, stop), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        coordinator.commit_round(lease, seed=1)
+        coordinator.commit_round(lease, seed=2)
+        deadline = time.monotonic() + SCRAPE_WAIT_S
+        while out.getvalue().count("committed (1 island") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    text = out.getvalue()
+    assert text.count("committed (1 island") == 2, text
+    assert "version 2: fragment 0 round 1 committed" in text and "version 3: fragment 0 round 2" in text
+    assert "version 1:" not in text
+    assert "island-0" in text and "fragment 0: v3" in text  # the panel
+
+
+def test_status_watch_refuses_a_non_positive_interval(capsys):
+    with pytest.raises(SystemExit) as exc:
+        coordinator_cli(["status", "--address", "127.0.0.1:1", "--watch", "--interval", "0"])
+    assert exc.value.code == 2 and "--interval" in capsys.readouterr().err
