@@ -32,6 +32,7 @@ from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
+from sim.monitor import RunMonitor
 from sim.wan import LinkProxy, WanSpec
 
 
@@ -98,11 +99,12 @@ class ProcessGroup:
 
 
 def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tuple[str, ...] = ("island", "run"),
-                init_model: Any = None) -> dict[str, Any]:
+                init_model: Any = None, monitor: RunMonitor | None = None) -> dict[str, Any]:
     """Start the coordinator and the islands, wait for them, return what they measured.
 
     `island_command` is the subcommand each island process runs (post-training runs its own);
-    `init_model`, when given, is θ_0 instead of the seeded init.
+    `init_model`, when given, is θ_0 instead of the seeded init; `monitor`, when given, shows the run
+    live and gives every process a metrics port (sim/monitor.py, sim/scrape.py).
     """
     n = cfg.sim.islands
     coord_dir = out / "coordinator"
@@ -123,9 +125,11 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
             "--state-dir", str(coord_dir), "--host", cfg.sim.host, "--port", "0",
             "--set", f"coordinator.islands_file={json.dumps(str(coord_dir / 'islands.json'))}",
             # no round closes before every simulated island has joined
-            "--set", f"coordinator.min_islands={n}"],
+            "--set", f"coordinator.min_islands={n}", *coordinator_telemetry(monitor)],
             env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential})
         address = wait_for_file(coord_dir / "address", coord, 120)
+        if monitor is not None:
+            monitor.islands_phase("islands", out, list(tokens), status=lambda: admin_status(address, credential))
         for i, (island_id, token) in enumerate(tokens.items()):
             proxy = LinkProxy(address, listen_host=cfg.sim.host, wan=cfg.sim.link(i),
                               seed=cfg.train.seed + i).start()
@@ -133,7 +137,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
             group.start(island_id, [
                 *island_command, "--preset", str(preset_file), "--coordinator", proxy.address,
                 "--island-id", island_id, "--island-index", str(i), "--num-islands", str(n),
-                "--report", str(out / f"{island_id}.json")], env={"ARCHIPELAGO_ISLAND_TOKEN": token})
+                "--report", str(out / f"{island_id}.json"), *island_telemetry(monitor, out, island_id, cfg.sim.host)],
+                env={"ARCHIPELAGO_ISLAND_TOKEN": token})
         deadline = time.monotonic() + cfg.sim.timeout_s
         pending = set(tokens)
         while pending:
@@ -150,10 +155,14 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
                 raise TimeoutError(f"islands {sorted(pending)} did not finish within {cfg.sim.timeout_s}s")
             time.sleep(0.2)
         wall = time.perf_counter() - start
+        if monitor is not None:
+            monitor.linger()
         with grpc.insecure_channel(address) as channel:
             status = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=30)
             pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=credential), timeout=30)
         coord.wait(timeout=60)
+        if monitor is not None:
+            monitor.end_phase(json.loads(status.json))
     finally:
         group.kill_all()
         for proxy in proxies:
@@ -161,6 +170,33 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
     islands = [json.loads((out / f"{i}.json").read_text()) for i in tokens]
     return {"islands": islands, "links": [p.stats for p in proxies], "wall_s": wall,
             "status": json.loads(status.json), "coordinator_dir": coord_dir}
+
+
+def coordinator_telemetry(monitor: RunMonitor | None, name: str = "coordinator") -> list[str]:
+    """The coordinator's `--set` flags for its metrics port (none without a monitor)."""
+    if monitor is None:
+        return []
+    return ["--set", f"coordinator.metrics_port={monitor.ports.port('coordinator', name)}"]
+
+
+def island_telemetry(monitor: RunMonitor | None, out: Path, island_id: str, host: str) -> list[str]:
+    """An island's `--set` flags for its metrics port and progress file (none without a monitor)."""
+    if monitor is None:
+        return []
+    progress = str(out / f"{island_id}.progress.json")
+    (out / f"{island_id}.progress.json").unlink(missing_ok=True)
+    return ["--set", f"diloco.metrics_port={monitor.ports.port('island', island_id)}",
+            "--set", f"diloco.metrics_host={json.dumps(host)}", "--set", f"diloco.progress_file={json.dumps(progress)}"]
+
+
+def admin_status(address: str, credential: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The coordinator's Admin.Status detail, or None while it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=timeout_s)
+        return json.loads(reply.json)
+    except grpc.RpcError:
+        return None
 
 
 @torch.no_grad()
@@ -229,13 +265,13 @@ def warm_start(cfg: SimConfig, out: Path) -> tuple[Transformer, Path, dict[str, 
     return trainer.model, path, facts
 
 
-def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
+def simulate(cfg: SimConfig, out: Path, preset_label: str, monitor: RunMonitor | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)  # prepare once, before any process needs it
     preset_file = out / "sim-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     warm = warm_start(cfg, out / "warmstart") if cfg.sim.warmstart_steps else None
-    result = run_islands(cfg, out, preset_file, init_model=warm[0] if warm else None)
+    result = run_islands(cfg, out, preset_file, init_model=warm[0] if warm else None, monitor=monitor)
     final_eval, final_version, coordinator_theta_b = evaluate_global(cfg, result["coordinator_dir"])
     island_digests = {i["theta_b_sha256"] for i in result["islands"]}
     n, h = cfg.sim.islands, cfg.diloco.inner_steps
@@ -277,8 +313,10 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
             "intra_island_failures", "intra_island_recoveries")})
         report["replicas_identical_at_syncs"] = all(i["replicas_identical_at_syncs"] for i in result["islands"])
     if cfg.sim.baseline == "ddp":
-        from sim.ddp import run_ddp
+        from sim.ddp import PROGRESS_FILE, run_ddp
 
+        if monitor is not None:
+            monitor.baseline_phase(out / "ddp" / PROGRESS_FILE, steps)
         ddp = run_ddp(one_process(cfg), n, steps, out / "ddp", eval_every=h,
                       timeout_s=cfg.sim.timeout_s, init=warm[1] if warm else None)
         report.update({
