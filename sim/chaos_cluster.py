@@ -73,6 +73,10 @@ class Cluster:
         if self.use_etcd:
             self._start_etcd()
         ports = [free_port(self.host) for _ in range(2 if self.use_etcd else 1)]
+        if self.monitor is not None:  # every metrics port in the scrape config before anything starts
+            self.monitor.ports.assign([("coordinator", "coordinator-a" if self.use_etcd else "coordinator"),
+                                       *([("coordinator", "coordinator-b")] if self.use_etcd else []),
+                                       *(("island", island) for island in self.tokens)])
         for i, port in enumerate(ports):
             name = f"coordinator-{'ab'[i]}" if self.use_etcd else "coordinator"
             self.coordinators.append((name, port))

@@ -118,6 +118,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
     credential = secrets.token_hex(16)
     group = ProcessGroup(out)
     proxies: list[LinkProxy] = []
+    if monitor is not None:
+        monitor.ports.assign([("coordinator", "coordinator"), *(("island", i) for i in tokens)])
     start = time.perf_counter()
     try:
         coord = group.start("coordinator", [

@@ -39,9 +39,11 @@ class MetricsPorts:
             self.write()
         return self.ports[name][1]
 
-    def add_config_file(self, path: Path) -> None:
-        if path not in self.config_files:
-            self.config_files.append(path)
+    def assign(self, processes: list[tuple[str, str]]) -> None:
+        """Ports for every (role, name) of a run before any starts, so the config lists them all at once."""
+        for role, name in processes:
+            if name not in self.ports:
+                self.ports[name] = (role, free_port(self.host))
         self.write()
 
     def targets(self, role: str) -> list[str]:
