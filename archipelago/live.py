@@ -1,7 +1,7 @@
 """The live view of a running job, shared by `sim`, `chaos`, `posttrain` and `coordinator status
 --watch` (docs/design.md, Observability).
 
-`RunView` is what is known now: per island its round, step, last loss and tokens/s; per fragment
+`RunView` is what is known now: per island its rounds done, step, last loss and tokens/s; per fragment
 its committed version; the baseline's progress; an ETA; the faults injected so far. `LiveView`
 shows it: on a terminal a panel redrawn in place (rich), with one line printed above it per
 committed round and per fault; on a pipe or a log only those lines, so a log reads as a list of
@@ -47,7 +47,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
 class IslandRow:
     name: str
     state: str = "starting"
-    round: int | None = None
+    rounds_done: int | None = None  # outer rounds whose inner steps are all done
     rounds: int | None = None
     step: int | None = None
     steps: int | None = None
@@ -59,7 +59,7 @@ class IslandRow:
 @dataclass
 class RunView:
     title: str
-    phase: str = ""
+    phase: str = "starting"
     elapsed_s: float = 0.0
     islands: list[IslandRow] = field(default_factory=list)
     fragments: list[dict[str, int]] = field(default_factory=list)  # {fragment, version, round}
@@ -98,10 +98,10 @@ def render(view: RunView) -> Group:
     parts: list[Any] = [Text.from_markup(f"[bold]{view.title}[/] · {view.phase} · {duration(view.elapsed_s)} "
                                          f"elapsed{eta}")]
     if view.islands:
-        table = Table("island", "state", "round", "step", "loss", "tokens/s", "θ_b version", box=None,
+        table = Table("island", "state", "rounds", "step", "loss", "tokens/s", "θ_b version", box=None,
                       header_style="bold")
         for row in view.islands:
-            table.add_row(row.name, row.state, _of(row.round, row.rounds), _of(row.step, row.steps),
+            table.add_row(row.name, row.state, _of(row.rounds_done, row.rounds), _of(row.step, row.steps),
                           _num(row.loss, ".4f"), _num(row.tokens_per_s, ",.0f"), _num(row.version, "d"))
         parts.append(table)
     if view.fragments or view.coordinator:

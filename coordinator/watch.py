@@ -1,7 +1,7 @@
 """`archipelago coordinator status --watch [--interval S]`: the live view `sim` shows, of a running
 coordinator, refreshed every S seconds from Admin.Status (docs/design.md, Observability).
 
-Per island the coordinator knows what its pushes said: the round, the loss it reported, tokens per
+Per island the coordinator knows what its pushes said: rounds pushed, the loss it reported, tokens per
 second of compute between two pushes (`islands_progress` of the status), and its lease's state; per
 fragment the committed version and open round. Each new commit, refusal or rollback in the status
 history is printed as a line (on a pipe only those lines). A coordinator that does not answer (a
@@ -25,10 +25,13 @@ def island_rows(reply: Any, detail: dict[str, Any]) -> list[IslandRow]:
     """The islands as the coordinator sees them: lease state from the reply, the rest from what
     their pushes reported."""
     progress = detail.get("islands_progress", {})
+    last_fragment = len(detail.get("rounds", [])) - 1
     rows = []
     for island in sorted(reply.islands, key=lambda i: i.island_id):
         p = progress.get(island.island_id, {})
-        rows.append(IslandRow(island.island_id, island.state, p.get("round"), None, None, None, p.get("loss"),
+        # its last reported push was of `round`: that round is done once its last fragment is pushed
+        done = None if "round" not in p else p["round"] + (1 if p.get("fragment") == last_fragment else 0)
+        rows.append(IslandRow(island.island_id, island.state, done, None, None, None, p.get("loss"),
                               p.get("tokens_per_s"), None))
     return rows
 

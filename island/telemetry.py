@@ -5,7 +5,7 @@
   blocked on the coordinator, bytes sent and received, the error-feedback residual norm per
   fragment, reconnects; every series labelled with the island's id (one value per process);
 - a progress file, `diloco.progress_file` ("{island_id}" replaced; empty: none): a small JSON with
-  round, step, last loss, tokens/s, θ_b version, replaced atomically at most twice a second and at
+  round, rounds done, step, last loss, tokens/s, θ_b version, replaced atomically at most twice a second and at
   every sync, which `archipelago sim` reads to show the run live.
 
 The DiLoCo client calls `steps` after inner steps, `synced` after each sync and `finished` when it
@@ -102,7 +102,7 @@ class IslandMetrics:
                                   labels, registry=r).labels(island)
         self.loss = Gauge("archipelago_island_loss", "Training loss of the last inner step", labels,
                           registry=r).labels(island)
-        self.round = Gauge("archipelago_island_round", "Outer round being trained (0-based)", labels,
+        self.round = Gauge("archipelago_island_round", "Outer round being trained or synced (0-based, as the coordinator numbers them)", labels,
                            registry=r).labels(island)
         self.step = Gauge("archipelago_island_step", "Inner steps done", labels, registry=r).labels(island)
         self.version = Gauge("archipelago_island_version", "Version of the θ_b this island holds", labels,
@@ -163,12 +163,13 @@ class Telemetry:
         self.state = "done" if self.client.trainer.step >= self.cfg.total_steps else "stopped"
         self.publish()
 
+    def rounds_done(self, step: int) -> int:
+        """Outer rounds whose inner steps are all among the first `step`."""
+        return sum(1 for r in range(self.cfg.rounds) if self.cfg.steps_before(r + 1) <= step)
+
     def round_of(self, step: int) -> int:
-        """The (0-based) outer round that inner step `step` + 1 belongs to."""
-        r = 0
-        while r < self.cfg.rounds - 1 and step >= self.cfg.steps_before(r + 1):
-            r += 1
-        return r
+        """The (0-based) outer round being trained, or synced, after `step` inner steps."""
+        return min(self.rounds_done(max(0, step - 1)), self.cfg.rounds - 1)
 
     def publish(self) -> None:
         """Update the gauges that follow the client, and replace the progress file."""
@@ -183,7 +184,7 @@ class Telemetry:
             return
         publish_json(self.path, {
             "island": self.island_id, "pid": os.getpid(), "state": self.state, "round": self.round_of(step),
-            "rounds": self.cfg.rounds, "step": step, "steps": self.cfg.total_steps,
+            "rounds_done": self.rounds_done(step), "rounds": self.cfg.rounds, "step": step, "steps": self.cfg.total_steps,
             "loss": self.loss if self.loss == self.loss else None, "tokens_per_s": self.tokens_per_s,
             "tokens": self.tokens, "version": client.version, "pushes": client.stats.pushes,
             "compute_s": client.stats.compute_s, "blocked_s": client.stats.blocked_s,

@@ -1,8 +1,8 @@
 """The parent's live view of the processes a local run started (docs/design.md, Observability).
 
 Two sources, polled on a background thread:
-- each island's progress file (`diloco.progress_file`, island/telemetry.py), twice a second: round,
-  step, last loss, tokens/s, θ_b version. Reading a small local file costs the island nothing and
+- each island's progress file (`diloco.progress_file`, island/telemetry.py), twice a second: rounds
+  done, step, last loss, tokens/s, θ_b version. Reading a small local file costs the island nothing and
   works while the coordinator is away (a failover, a restart in a chaos run); the coordinator itself
   only hears from an island once per sync;
 - the coordinator's Admin.Status, once a second: committed version per fragment and the history of
@@ -152,7 +152,7 @@ class RunMonitor:
         rows = []
         for name in self._islands:
             p = read_json(self._folder / f"{name}.progress.json") or {}
-            rows.append(IslandRow(name, p.get("state", "starting"), p.get("round"), p.get("rounds"), p.get("step"),
+            rows.append(IslandRow(name, p.get("state", "starting"), p.get("rounds_done"), p.get("rounds"), p.get("step"),
                                   p.get("steps"), p.get("loss"), p.get("tokens_per_s"), p.get("version")))
         self.view.islands = rows
         steps = [r.step or 0 for r in rows if r.state != "done"]

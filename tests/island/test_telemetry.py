@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from types import SimpleNamespace
 
 import torch
 
 from archipelago.procs import free_port
 from island.diloco import InnerSteps
+from island.telemetry import Telemetry
 from protos.broadcast import l2_norm
 from tests.island.test_diloco import config, start_client, wait_for
 
@@ -46,10 +48,10 @@ def test_progress_file_and_metrics_follow_the_outer_loop(tmp_path):
     progress = tmp_path / "{island_id}.progress.json"
     client, _ = run_one_round(metrics_port=port, metrics_host="127.0.0.1", progress_file=str(progress))
     state = json.loads((tmp_path / "island-1.progress.json").read_text())
-    assert {k: state[k] for k in ("island", "state", "round", "rounds", "step", "steps", "loss", "tokens",
-                                  "version", "pushes")} == {
-        "island": "island-1", "state": "stopped", "round": 1, "rounds": 3, "step": 2, "steps": 6, "loss": 2.0,
-        "tokens": 16, "version": 1, "pushes": 1}
+    assert {k: state[k] for k in ("island", "state", "round", "rounds_done", "rounds", "step", "steps", "loss",
+                                  "tokens", "version", "pushes")} == {
+        "island": "island-1", "state": "stopped", "round": 0, "rounds_done": 1, "rounds": 3, "step": 2, "steps": 6,
+        "loss": 2.0, "tokens": 16, "version": 1, "pushes": 1}
     assert state["tokens_per_s"] > 0
 
     samples = scrape(port)
@@ -58,6 +60,7 @@ def test_progress_file_and_metrics_follow_the_outer_loop(tmp_path):
     assert samples[("archipelago_island_tokens_total", island)] == 16
     assert samples[("archipelago_island_loss", island)] == 2.0
     assert samples[("archipelago_island_version", island)] == 1
+    assert samples[("archipelago_island_round", island)] == 0  # step 2 closed round 0, which is being synced
     assert samples[("archipelago_island_pushes_total", island)] == 1
     assert samples[("archipelago_island_tokens_per_second", island)] == state["tokens_per_s"]
     assert samples[("archipelago_island_blocked_seconds_total", island)] == client.stats.blocked_s
@@ -69,3 +72,9 @@ def test_telemetry_does_not_change_the_model():
     _, plain = run_one_round()
     _, observed = run_one_round(metrics_port=free_port(), metrics_host="127.0.0.1")
     assert all(torch.equal(plain[n], observed[n]) for n in plain)
+
+
+def test_rounds_are_counted_from_steps_with_the_sync_step_in_the_round_it_closes():
+    telemetry = Telemetry(SimpleNamespace(cfg=config(round_steps=[2, 4, 2]), island_id="island-1"))
+    assert [telemetry.rounds_done(s) for s in range(9)] == [0, 0, 1, 1, 1, 1, 2, 2, 3]
+    assert [telemetry.round_of(s) for s in range(9)] == [0, 0, 0, 1, 1, 1, 1, 2, 2]

@@ -39,7 +39,7 @@ def test_off_a_terminal_each_committed_round_is_one_line(tmp_path):
     for step in range(1, 21):
         for island in ("island-0", "island-1"):
             publish_json(tmp_path / f"{island}.progress.json", {
-                "state": "training", "round": (step - 1) // 10, "rounds": 2, "step": step, "steps": 20,
+                "state": "training", "rounds_done": step // 10, "rounds": 2, "step": step, "steps": 20,
                 "loss": 5.0, "tokens_per_s": 1000.0, "version": step // 10})
         if step % 10 == 0:
             detail = {**detail, "version": step // 10, "rounds": [step // 10], "fragment_versions": [step // 10],
