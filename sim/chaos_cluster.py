@@ -32,7 +32,7 @@ from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from sim.monitor import RunMonitor
 from sim.run import ProcessGroup, coordinator_telemetry, evaluate_global, island_telemetry
-from sim.run_faults import RunChaosConfig, RunFaultInjector, schedule
+from sim.run_faults import Fault, RunChaosConfig, RunFaultInjector, schedule
 from sim.wan import LinkProxy
 
 START_TIMEOUT_S = 180.0
@@ -258,6 +258,14 @@ class Cluster:
         self._start_coordinator(restarted, port)
 
 
+def injected(faults: list[Fault]) -> list[str]:
+    """The faults injected so far, as the live view prints them (a corruption is only armed: it hits
+    the next large segment the island's link carries up, if one comes)."""
+    return [f"{f.kind} on {f.target} at {f.injected_at_s:.1f}s" + (" (armed for the next push)" if f.kind == "corrupt"
+                                                                    else "")
+            for f in faults if f.injected_at_s is not None]
+
+
 def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool,
                 expected_s: float | None, monitor: RunMonitor | None = None) -> dict[str, Any]:
     """One run: with a fault schedule when `expected_s` is given, else fault-free."""
@@ -271,8 +279,7 @@ def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: boo
         cluster.start()
         if monitor is not None:
             monitor.islands_phase("faults" if faults else "fault-free", out, list(cluster.tokens), cluster.status,
-                                  lambda: [f"{f.kind} on {f.target} at {f.injected_at_s:.1f}s" for f in faults
-                                           if f.injected_at_s is not None])
+                                  lambda: injected(faults))
         t_start = cluster.wait_started()
         t0 = time.monotonic() - (time.time() - t_start)
         if faults:
