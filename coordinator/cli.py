@@ -56,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
         p_.add_argument("--tls-cert", default="", help="client certificate, for a coordinator with mutual TLS")
         p_.add_argument("--tls-key", default="", help="the client certificate's key")
     status.add_argument("--json", action="store_true", help="print the raw JSON status")
+    status.add_argument("--watch", action="store_true",
+                        help="keep a live view of the run, refreshed every --interval seconds; on a pipe, one "
+                             "line per committed round, refusal or rollback (until interrupted)")
+    status.add_argument("--interval", type=positive_seconds, default=2.0, metavar="S",
+                        help="seconds between two refreshes of --watch (default 2)")
     certs = sub.add_parser("certs", help="make a CA, a server certificate and client certificates (mTLS)")
     certs.add_argument("--out", required=True, help="folder for the PEM files (an existing CA there is reused)")
     certs.add_argument("--hosts", default="127.0.0.1,localhost",
@@ -116,6 +121,16 @@ def rollback(args) -> int:
     return 0
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got '{text}'")
+    return value
+
+
 def _ask_status(args, address: str):
     """(the StatusReply, "") from the first of `address`'s comma-separated addresses that answers,
     or (None, the last error)."""
@@ -135,7 +150,20 @@ def _ask_status(args, address: str):
 
 def status(args) -> int:
     from archipelago.runinfo import strict_json
+    from protos import archipelago_pb2 as pb
+    from protos import archipelago_pb2_grpc as pb_grpc
+    from protos.transport import open_channel
 
+    if args.watch:
+        if ";" in args.address or "," in args.address:
+            console.print("[red]coordinator status --watch takes one coordinator address (HOST:PORT)")
+            return 2
+        from coordinator.watch import watch
+
+        with open_channel(args.address, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) as channel:
+            stub = pb_grpc.AdminStub(channel)
+            return watch(args, lambda: stub.Status(pb.AdminRequest(credential=args.credential),
+                                                   timeout=max(2.0, args.interval)))
     if ";" in args.address:
         return sharded_status(args)
     reply, error = _ask_status(args, args.address)

@@ -47,6 +47,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.guard import Guard, round_loss
 from coordinator.membership import Membership
 from coordinator.merge import RoundMerge, mergeable
+from coordinator.metrics import RoundObserver
 from coordinator.params import Contribution, ParamState
 from coordinator.spool import read_payload, remove, write_payload
 from coordinator.store import Fenced, Key, Spill, StateStore
@@ -123,6 +124,7 @@ class RoundEngine:
         self.closing: set[int] = set()  # fragments whose round is closing now
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None  # another coordinator took over
         self._tasks: set[asyncio.Task] = set()
+        self.observer = RoundObserver()  # told of every commit and refusal (coordinator/metrics.py)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -433,6 +435,7 @@ class RoundEngine:
                           checkpoint=checkpoint)
         self.version, self.rounds, self.fragment_versions = version, rounds, fragment_versions
         self.pending[fragment] = {}
+        self.observer.on_commit(fragment, round_, contributions, info, self.opened_at[fragment])
         self.opened_at[fragment] = time.monotonic()
         self.deltas.append(DeltaRecord(self.version, fragment, round_, payload))
         self.history.append({"kind": "committed", "version": self.version, "fragment": fragment, "round": round_,
@@ -456,6 +459,7 @@ class RoundEngine:
         self._note_finished(contributions)
         self.store.refuse(keys, event, self.meta())
         self.history.append(event)
+        self.observer.on_refuse(fragment, round_, contributions, event)
         log.warning("guard refused fragment %d round %d (%d in a row): %s", fragment, round_, in_a_row, reason)
         events = [RoundEvent("SKIPPED", self.version, fragment, round_, reason, self.timeline)]
         if self.guard.should_roll_back():

@@ -90,7 +90,8 @@ class Coordinator:
         self._check_shard_state()
         if not self.resumed:
             self.engine.checkpoint()
-        self.metrics = Metrics(cfg.metrics_port)
+        self.metrics = Metrics(cfg.metrics_port, cfg.host)
+        self.engine.observer = self.metrics
         self.started = time.time()
         self.stopping = asyncio.Event()
         self.stop_reason = ""
@@ -166,6 +167,8 @@ class Coordinator:
                   "checkpoints": sorted(self.store.checkpoints()),
                   "guard": {**self.engine.guard.state(),
                             "decisions": [e for e in history if e.get("kind") in ("refused", "rollback")][-50:]},
+                  "fragment_versions": self.engine.fragment_versions,
+                  "islands_progress": self.metrics.islands_progress(),
                   "uptime_s": time.time() - self.started, "history": history[-50:],
                   "shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
                   "fragments_owned": self.params.owned}
@@ -252,8 +255,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     messages += frame(pb.PayloadPart, pb.PayloadHeader(
                         version=r.version, fragment=r.fragment, full=False, timeline=c.engine.timeline),
                         r.payload, c.cfg.chunk_bytes)
+        sent = c.metrics.bytes_out.labels(island=member.island_id)
         for message in messages:
             member.bytes_out += message.ByteSize()
+            sent.inc(message.ByteSize())
             yield message
 
     async def PushPseudoGrad(self, request_iterator, context) -> pb.PushReply:
@@ -388,7 +393,6 @@ class AdminService(pb_grpc.AdminServicer):
             await _abort(context, exc)
         except Fenced as exc:
             await _abort(context, c.fenced(exc))
-        c.metrics.rollbacks.inc()
         return pb.AdminReply(ok=True, message=f"rolled back to version {event.version} (timeline {event.timeline}); "
                              "islands were told to reload", version=event.version)
 

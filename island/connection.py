@@ -96,6 +96,8 @@ class CoordinatorLink:
         self.lease: pb.Lease | None = None
         self.ttl_s = 10.0
         self.reconnects = 0
+        self.bytes_sent = 0  # push messages on the wire, every attempt (island/telemetry.py)
+        self.bytes_received = 0  # pulled θ_b and delta messages on the wire
         self.config_hash = ""
         self.on_heartbeat: Callable[[pb.HeartbeatReply], None] = lambda reply: None
         self.on_rejoin: Callable[[pb.RegisterReply], None] = lambda reply: None
@@ -137,6 +139,7 @@ class CoordinatorLink:
 
         def attempt() -> pb.PushReply:
             parts[0].header.lease.CopyFrom(self.lease)
+            self.bytes_sent += sum(p.ByteSize() for p in parts)
             return self.stub.PushPseudoGrad(iter(parts))
 
         try:
@@ -164,6 +167,7 @@ class CoordinatorLink:
             if full or _action(exc) != "reload":
                 raise
             return self.fetch(since, full=True, patient=patient)
+        self.bytes_received += sum(p.ByteSize() for p in parts)
         return read_stream(parts)
 
     def start_thread(self, target: Callable[[], None], name: str) -> None:

@@ -34,13 +34,13 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from island.ack_log import AckLog
 from island.diloco_config import DiLoCoConfig, run_config_hash, synced_tensors
+from island.telemetry import IslandStats, Telemetry
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
 from protos.broadcast import apply_delta, digest, merge_local
@@ -51,21 +51,6 @@ from protos.fragments import split_fragments
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long, in all, for the background threads
-
-
-@dataclass
-class IslandStats:
-    rounds: int = 0
-    pushes: int = 0
-    compute_s: float = 0.0
-    blocked_s: float = 0.0
-    reconnects: int = 0
-    rejoins: int = 0  # registrations after the first (lease lost: coordinator restart, failover)
-    skipped_rounds: int = 0  # rounds the coordinator's guard refused
-    reloads: int = 0  # full θ_b reloads ordered by a rollback
-    dropped_pushes: int = 0  # pushes of an abandoned timeline, never applied
-    eval_curve: list[dict[str, float]] = field(default_factory=list)
-    sync_log: list[dict[str, float]] = field(default_factory=list)
 
 
 class Link(Protocol):
@@ -152,6 +137,7 @@ class DiLoCoClient:
         self.pushers: dict[int, ThreadPoolExecutor] = {}  # lane -> its pusher thread
         self._push_lock = threading.Lock()
         self.pushes: list[Future] = []
+        self.telemetry = Telemetry(self)  # metrics and progress file, when configured
 
     # ---- the outer loop -------------------------------------------------------------------------
 
@@ -209,6 +195,7 @@ class DiLoCoClient:
         self.loss_count += steps
         self.token_sum += tokens
         self.stats.compute_s += compute_s
+        self.telemetry.steps(loss_sum, steps, tokens, compute_s)
 
     def evaluates_round(self, rounds: int) -> bool:
         """Whether island 0 evaluates θ_b once `rounds` rounds are done."""
@@ -283,6 +270,7 @@ class DiLoCoClient:
         self.stats.blocked_s += time.perf_counter() - start
         self.stats.sync_log.append({"fragment": fragment, "round": round_, "version": self.version,
                                     "seconds": time.perf_counter() - start})
+        self.telemetry.synced(fragment)
 
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else float("nan")
@@ -502,5 +490,6 @@ class DiLoCoClient:
             pusher.shutdown(wait=False, cancel_futures=True)
         stuck = self.link.close(CLOSE_TIMEOUT_S)
         self.stats.reconnects = getattr(self.link, "reconnects", 0)
+        self.telemetry.finished()
         if stuck:
             log.warning("island %s: threads %s still running after %.0fs", self.island_id, stuck, CLOSE_TIMEOUT_S)

@@ -52,6 +52,12 @@ class DiLoCoConfig:
     # Append one JSON line per acknowledged push (and per start) to this file; "{island_id}" in it
     # is replaced by the island's id. Empty: none. The chaos runs read it to count lost updates.
     ack_log: str = ""
+    # Live telemetry (island/telemetry.py, docs/design.md Observability): Prometheus metrics on this
+    # port of metrics_host (0: none), and a progress JSON replaced atomically as the island trains
+    # ("{island_id}" is replaced by the island's id; empty: none). Neither changes training.
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    progress_file: str = ""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.fragments < 1 or self.rounds < 1:
@@ -73,7 +79,8 @@ class DiLoCoConfig:
             raise ConfigError("diloco.tls_cert and diloco.tls_key go together: give both or neither")
         if not self.retry_max_delay_s > 0:
             raise ConfigError(f"diloco.retry_max_delay_s must be > 0, got {self.retry_max_delay_s}")
-
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"diloco.metrics_port must be a TCP port or 0 (off), got {self.metrics_port}")
 
     def steps_in_round(self, round_: int) -> int:
         """Inner steps of (0-based) outer round `round_`."""

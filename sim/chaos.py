@@ -30,8 +30,10 @@ from island.data import open_dataset
 from sim.chaos_cluster import run_cluster
 from sim.goodput import accounting, dp_goodput, step_seconds
 from sim.island_faults import IslandChaosConfig, IslandFaultInjector, chaos_fields, check_chaos
+from sim.monitor import RunMonitor
 from sim.run import bound_push_tokens, simulate
 from sim.run_faults import RunChaosConfig, handles, load_config, recovery
+from sim.scrape import add_prometheus_argument, metrics_ports
 
 ISLAND_SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
                   "intra_island_failures", "intra_island_recoveries", "pushes_while_down", "updates_lost",
@@ -51,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="runs/chaos", help="folder for report.json and logs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted name (repeatable)")
+    add_prometheus_argument(p)
     return p
 
 
@@ -73,8 +76,11 @@ def island_chaos(args: argparse.Namespace) -> int:
                   f"{cfg.island.num_replica_groups} replica groups × {cfg.parallel.num_ranks} ranks; kill rank "
                   f"{cfg.chaos.rank} of group {cfg.chaos.group} of island-{cfg.chaos.island}; logs in {out}/")
     injector = IslandFaultInjector(cfg, out).start()
+    phases = [("islands", cfg.total_inner_steps)] + ([("baseline", cfg.total_inner_steps)]
+                                                     if cfg.sim.baseline == "ddp" else [])
     try:
-        report = simulate(cfg, out, args.preset)
+        with RunMonitor(f"chaos {args.preset}", phases, metrics_ports(out, args, cfg.sim.host)) as monitor:
+            report = simulate(cfg, out, args.preset, monitor)
     finally:
         injector.stop()
     report.pop("bandwidth_timeline", None)
@@ -89,16 +95,17 @@ def island_chaos(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
-def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str) -> dict[str, Any]:
+def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
+                   monitor: RunMonitor | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)
     bound_push_tokens(cfg)
     preset_file = out / "chaos-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     use_etcd = cfg.faults.failover == "etcd" or (cfg.faults.failover == "auto" and shutil.which("etcd"))
-    clean = run_cluster(cfg, out / "fault-free", preset_file, bool(use_etcd), None)
+    clean = run_cluster(cfg, out / "fault-free", preset_file, bool(use_etcd), None, monitor)
     clean_acc = accounting(clean)
-    chaos = run_cluster(cfg, out / "chaos", preset_file, bool(use_etcd), clean_acc["wall_s"])
+    chaos = run_cluster(cfg, out / "chaos", preset_file, bool(use_etcd), clean_acc["wall_s"], monitor)
     acc = accounting(chaos)
     faults = recovery(chaos)
     injected = [f for f in faults if f["injected_at_s"] is not None]
@@ -150,7 +157,9 @@ def run_chaos(args: argparse.Namespace) -> int:
     console.print(f"[bold]archipelago chaos[/] · {args.preset}: {cfg.sim.islands} islands × {cfg.diloco.rounds} "
                   f"rounds × H={cfg.diloco.inner_steps}; a fault-free run, then the same under faults "
                   f"(seed {cfg.train.seed}); logs in {out}/")
-    report = simulate_chaos(cfg, out, args.preset)
+    phases = [("fault-free", cfg.total_inner_steps), ("faults", cfg.total_inner_steps)]
+    with RunMonitor(f"chaos {args.preset}", phases, metrics_ports(out, args, cfg.sim.host)) as monitor:
+        report = simulate_chaos(cfg, out, args.preset, monitor)
     report["targets"] = targets_met(report)
     write_json(out / "report.json", report)
     _plot(out, report)

@@ -30,8 +30,9 @@ from coordinator.store import StateStore, sqlite_store
 from island.job import write_initial_model
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
-from sim.run import ProcessGroup, evaluate_global
-from sim.run_faults import RunChaosConfig, RunFaultInjector, schedule
+from sim.monitor import RunMonitor
+from sim.run import ProcessGroup, coordinator_telemetry, evaluate_global, island_telemetry
+from sim.run_faults import Fault, RunChaosConfig, RunFaultInjector, schedule
 from sim.wan import LinkProxy
 
 START_TIMEOUT_S = 180.0
@@ -40,8 +41,10 @@ START_TIMEOUT_S = 180.0
 class Cluster:
     """Coordinator(s), islands behind link proxies, optionally etcd: started, faulted, stopped."""
 
-    def __init__(self, cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool) -> None:
+    def __init__(self, cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool,
+                 monitor: RunMonitor | None = None) -> None:
         self.cfg, self.out, self.preset_file, self.use_etcd = cfg, out, preset_file, use_etcd
+        self.monitor = monitor  # the live view; metrics ports kept by process name across restarts
         self.host = cfg.sim.host
         self.group = ProcessGroup(out)
         self.coord_dir = out / "coordinator"
@@ -70,6 +73,10 @@ class Cluster:
         if self.use_etcd:
             self._start_etcd()
         ports = [free_port(self.host) for _ in range(2 if self.use_etcd else 1)]
+        if self.monitor is not None:  # every metrics port in the scrape config before anything starts
+            self.monitor.ports.assign([("coordinator", "coordinator-a" if self.use_etcd else "coordinator"),
+                                       *([("coordinator", "coordinator-b")] if self.use_etcd else []),
+                                       *(("island", island) for island in self.tokens)])
         for i, port in enumerate(ports):
             name = f"coordinator-{'ab'[i]}" if self.use_etcd else "coordinator"
             self.coordinators.append((name, port))
@@ -101,7 +108,8 @@ class Cluster:
                 "--state-dir", str(self.coord_dir), "--host", self.host, "--port", str(port),
                 "--set", f"coordinator.islands_file={json.dumps(str(self.coord_dir / 'islands.json'))}",
                 "--set", f"coordinator.etcd_prefix={json.dumps(self.prefix)}",
-                "--set", f"coordinator.etcd_lease_ttl_s={self.cfg.faults.etcd_lease_ttl_s}"]
+                "--set", f"coordinator.etcd_lease_ttl_s={self.cfg.faults.etcd_lease_ttl_s}",
+                *coordinator_telemetry(self.monitor, name.split("-restart")[0])]
         if self.use_etcd:
             argv += ["--etcd", self.etcd_endpoint]
         self.group.start(name, argv, env={"ARCHIPELAGO_ADMIN_CREDENTIAL": self.credential})
@@ -116,7 +124,8 @@ class Cluster:
             "island", "run", "--preset", str(self.preset_file), "--coordinator", addresses,
             "--island-id", island, "--island-index", str(i), "--num-islands", str(len(self.tokens)),
             "--report", str(self.out / f"{island}.json"),
-            "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}"],
+            "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}",
+            *island_telemetry(self.monitor, self.out, island, self.host)],
             env={"ARCHIPELAGO_ISLAND_TOKEN": self.tokens[island]})
 
     def _wait_serving(self, port: int, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -199,6 +208,8 @@ class Cluster:
 
     def stop(self) -> None:
         self.done.set()
+        if self.monitor is not None:
+            self.monitor.linger()
         try:
             with grpc.insecure_channel(f"{self.host}:{self.leader_port()}") as channel:
                 pb_grpc.AdminStub(channel).Shutdown(pb.AdminRequest(credential=self.credential), timeout=10)
@@ -247,17 +258,28 @@ class Cluster:
         self._start_coordinator(restarted, port)
 
 
+def injected(faults: list[Fault]) -> list[str]:
+    """The faults injected so far, as the live view prints them (a corruption is only armed: it hits
+    the next large segment the island's link carries up, if one comes)."""
+    return [f"{f.kind} on {f.target} at {f.injected_at_s:.1f}s" + (" (armed for the next push)" if f.kind == "corrupt"
+                                                                    else "")
+            for f in faults if f.injected_at_s is not None]
+
+
 def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool,
-                expected_s: float | None) -> dict[str, Any]:
+                expected_s: float | None, monitor: RunMonitor | None = None) -> dict[str, Any]:
     """One run: with a fault schedule when `expected_s` is given, else fault-free."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("acks-*.jsonl"):
         old.unlink()
-    cluster = Cluster(cfg, out, preset_file, use_etcd)
+    cluster = Cluster(cfg, out, preset_file, use_etcd, monitor)
     injector = None
     faults = schedule(cfg.faults, cfg.train.seed, cfg.sim.islands, expected_s) if expected_s else []
     try:
         cluster.start()
+        if monitor is not None:
+            monitor.islands_phase("faults" if faults else "fault-free", out, list(cluster.tokens), cluster.status,
+                                  lambda: injected(faults))
         t_start = cluster.wait_started()
         t0 = time.monotonic() - (time.time() - t_start)
         if faults:
@@ -267,6 +289,8 @@ def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: boo
         if injector is not None:
             injector.join(60)
         final = cluster.drain(max(60.0, 2 * cfg.coordinator.round_deadline_s))
+        if monitor is not None:
+            monitor.end_phase(final)
         store, closer = cluster.store()
         try:
             applied = {k[:3] for k in store.applied_keys()}

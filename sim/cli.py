@@ -13,7 +13,9 @@ from archipelago import config as cfglib
 from archipelago.console import console, summary_table
 from archipelago.plots import line_plot
 from archipelago.runinfo import run_metadata, write_json
+from sim.monitor import RunMonitor
 from sim.run import SimConfig, simulate
+from sim.scrape import MetricsPorts, add_prometheus_argument, metrics_ports
 
 SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss", "merge_gain",
            "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
@@ -35,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
                    help="run the simulation once per seed (train.seed), each in DIR/seed-S/, and write "
                         "the spread of the gap across them to DIR/report.json")
+    add_prometheus_argument(p)
     return p
 
 
@@ -64,12 +67,15 @@ def main(argv: list[str]) -> int:
         overrides.append(f"sim.wan={json.dumps(args.wan)}")
     out = Path(args.report)
     if args.seeds is None:
-        run_one(cfglib.load(SimConfig, args.preset, overrides), out, args.preset)
+        cfg = cfglib.load(SimConfig, args.preset, overrides)
+        run_one(cfg, out, args.preset, metrics_ports(out, args, cfg.sim.host))
         return 0
     if any(cfglib.parse_override(o)[0] == ["train", "seed"] for o in overrides):
         raise cfglib.ConfigError("--seeds sets train.seed for each run; drop --set train.seed=...")
     configs = [cfglib.load(SimConfig, args.preset, [*overrides, f"train.seed={seed}"]) for seed in args.seeds]
-    reports = [run_one(cfg, out / f"seed-{seed}", args.preset) for seed, cfg in zip(args.seeds, configs, strict=True)]
+    ports = metrics_ports(out, args, configs[0].sim.host)
+    reports = [run_one(cfg, out / f"seed-{seed}", args.preset, ports, f"seed {seed}, {k + 1} of {len(args.seeds)}")
+               for k, (seed, cfg) in enumerate(zip(args.seeds, configs, strict=True))]
     spread = seed_spread(args.seeds, reports)
     spread.update(run_metadata(args.seeds, configs[0]))
     write_json(out / "report.json", spread)
@@ -102,12 +108,18 @@ def seed_spread(seeds: list[int], reports: list[dict[str, Any]]) -> dict[str, An
     return out
 
 
-def run_one(cfg: SimConfig, out: Path, preset: str) -> dict[str, Any]:
-    """One simulated run (and its baseline) into `out`: report.json, plots, a summary table."""
+def run_one(cfg: SimConfig, out: Path, preset: str, ports: MetricsPorts | None = None,
+            label: str = "") -> dict[str, Any]:
+    """One simulated run (and its baseline) into `out`: report.json, plots, a summary table; shown
+    live while it runs (sim/monitor.py)."""
     console.print(f"[bold]archipelago sim[/] · {preset}: {cfg.sim.islands} islands × "
                   f"{cfg.diloco.rounds} rounds × H={cfg.diloco.inner_steps}, codec {cfg.diloco.codec}, "
                   f"seed {cfg.train.seed}; logs in {out}/")
-    report = simulate(cfg, out, preset)
+    phases = [("islands", cfg.total_inner_steps)]
+    if cfg.sim.baseline == "ddp":
+        phases.append(("baseline", cfg.total_inner_steps))
+    with RunMonitor(f"sim {preset}" + (f" · {label}" if label else ""), phases, ports) as monitor:
+        report = simulate(cfg, out, preset, monitor)
     report.update(run_metadata(cfg.train.seed, cfg))
     series = {"DiLoCo (θ_b, island 0)": ([p["tokens"] for p in report["diloco_eval_curve"]],
                                          [p["loss"] for p in report["diloco_eval_curve"]])}

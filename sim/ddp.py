@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from archipelago.checkpoint import read_checkpoint
 from archipelago.config import build
+from archipelago.live import publish_json
 from archipelago.procs import free_port, kill_group
 from archipelago.runinfo import write_json
 from island.data import prepare
@@ -36,6 +37,8 @@ from island.train import Trainer, TrainJobConfig, load_model_tensors, model_tens
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "ddp_result.json"
 PARAMS_FILE = "ddp_final.safetensors"
+PROGRESS_FILE = "progress.json"  # rank 0's step and loss, for the parent's live view (sim/monitor.py)
+PROGRESS_EVERY_S = 0.5
 POLL_S = 0.05
 
 
@@ -92,6 +95,7 @@ def run_ddp(job: TrainJobConfig, num_workers: int, steps: int, out_dir: Path, ev
             "init": str(Path(init).resolve()) if init else None}
     spec_path = write_json(out_dir / "ddp_spec.json", spec)
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     logs = [out_dir / f"ddp_worker{rank}.log" for rank in range(num_workers)]
@@ -189,15 +193,19 @@ def _worker(spec_path: str, rank: int) -> None:
     tokens_per_step = trainer.tokens_per_step * world
     curve = []
     start = time.perf_counter()
+    published = 0.0
     for step in range(steps + 1):
         if rank == 0 and (step % eval_every == 0 or step == steps):
             curve.append({"step": step, "tokens": step * tokens_per_step, "loss": trainer.evaluate()})
         if step == steps:
             break
         trainer.model.train()
-        trainer.forward_backward()
+        loss = trainer.forward_backward()
         average_gradients(params, world)
         trainer.optimizer_step()
+        if rank == 0 and (time.monotonic() - published >= PROGRESS_EVERY_S or step + 1 == steps):
+            published = time.monotonic()
+            publish_json(Path(spec["out_dir"]) / PROGRESS_FILE, {"step": step + 1, "steps": steps, "loss": loss})
     wall = time.perf_counter() - start
     if rank == 0:
         out_dir = Path(spec["out_dir"])

@@ -33,7 +33,9 @@ from posttrain.config import PosttrainJobConfig
 from posttrain.island import resolve_preset
 from posttrain.rollout import RolloutEngine, accuracy
 from posttrain.stages import STAGES, SFTTrainer
+from sim.monitor import RunMonitor
 from sim.run import SimConfig, run_islands
+from sim.scrape import MetricsPorts
 
 
 @dataclass
@@ -95,7 +97,7 @@ def _per_round(cfg: PosttrainConfig, islands: list[dict[str, Any]], key: str) ->
     return [statistics.fmean(r[k] for r in rows if k < len(r)) for k in range(max(len(r) for r in rows))]
 
 
-def run_stage(cfg: PosttrainConfig, out: Path, preset_label: str) -> dict[str, Any]:
+def run_stage(cfg: PosttrainConfig, out: Path, preset_label: str, monitor: RunMonitor | None = None) -> dict[str, Any]:
     """Run `cfg.posttrain.stage` on `cfg.sim.islands` islands through a coordinator; the report."""
     if cfg.coordinator.num_shards > 1:
         raise cfglib.ConfigError("post-training runs on one coordinator: coordinator.num_shards is for archipelago sim")
@@ -110,7 +112,7 @@ def run_stage(cfg: PosttrainConfig, out: Path, preset_label: str) -> dict[str, A
     preset_file = out / "posttrain-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     result = run_islands(cfg, out, preset_file, island_command=("posttrain", "island", "--stage", stage),
-                         init_model=model)
+                         init_model=model, monitor=monitor)
     final = load_weights(model, result["coordinator_dir"])
     after = accuracy(engine, task, heldout)
     model_dir = write_model(cfg, model, out / "model", {"stage": stage, "global_version": final["version"]})
@@ -183,7 +185,9 @@ def run_one(stage: str, preset: str, overrides: list[str], out: Path, init: str 
         cfg = replace(cfg, posttrain=replace(cfg.posttrain, init=init))
     console.print(f"[bold]archipelago posttrain {stage}[/] · {preset}: {cfg.sim.islands} islands × "
                   f"{cfg.diloco.rounds} rounds, task {cfg.task.name}; logs in {out}/")
-    report = run_stage(cfg, out, preset)
+    with RunMonitor(f"posttrain {stage} {preset}", [("islands", cfg.total_inner_steps)],
+                    MetricsPorts(cfg.sim.host, [out / "prometheus.yml"])) as monitor:
+        report = run_stage(cfg, out, preset, monitor)
     write_stage_report(out, report, f"archipelago posttrain {stage} · {preset}")
     return report
 
@@ -199,7 +203,9 @@ def run_pipeline(preset: str, overrides: list[str], out: Path) -> dict:
     stages = load_config(preset, overrides, "grpo").pipeline
     sim_cfg = cfglib.load(SimConfig, name, [*overrides, *stages.pretrain_set, "sim.baseline=none"])
     console.print(f"[bold]archipelago posttrain pipeline[/] · {preset}: pre-training, SFT, GRPO; logs in {out}/")
-    pre = simulate(sim_cfg, out / "pretrain", preset)
+    with RunMonitor(f"posttrain pipeline {preset} · pre-training", [("islands", sim_cfg.total_inner_steps)],
+                    MetricsPorts(sim_cfg.sim.host, [out / "pretrain" / "prometheus.yml"])) as monitor:
+        pre = simulate(sim_cfg, out / "pretrain", preset, monitor)
     write_json(out / "pretrain" / "report.json", pre)
     console.print(f"pre-training: eval loss {pre['final_eval_loss']:.3f} after {pre['tokens']:,} tokens")
     sft = run_one("sft", preset, [*overrides, *stages.sft_set], out / "sft",

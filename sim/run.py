@@ -32,6 +32,7 @@ from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
+from sim.monitor import RunMonitor
 from sim.wan import LinkProxy, LinkStats, WanSpec
 
 
@@ -98,14 +99,16 @@ class ProcessGroup:
 
 
 def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tuple[str, ...] = ("island", "run"),
-                init_model: Any = None) -> dict[str, Any]:
+                init_model: Any = None, monitor: RunMonitor | None = None) -> dict[str, Any]:
     """Start the coordinator (or its shards, `coordinator.num_shards`) and the islands, wait for
     them, return what they measured.
 
     `island_command` is the subcommand each island process runs (post-training runs its own);
-    `init_model`, when given, is θ_0 instead of the seeded init. A sharded coordinator is one process
-    per shard, each on its own port with its own state directory `coordinator/shard-I`; each island
-    reaches every shard through its own link proxy and gets their addresses joined by ';'.
+    `init_model`, when given, is θ_0 instead of the seeded init; `monitor`, when given, shows the run
+    live and gives every process a metrics port (sim/monitor.py, sim/scrape.py). A sharded
+    coordinator is one process per shard, each on its own port with its own state directory
+    `coordinator/shard-I`; each island reaches every shard through its own link proxy and gets their
+    addresses joined by ';'.
     """
     n, shards = cfg.sim.islands, cfg.coordinator.num_shards
     cfg.coordinator.check_fragments(cfg.diloco.fragments)
@@ -122,6 +125,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
     proxies: list[list[LinkProxy]] = []  # per island, one per shard
     names = ["coordinator"] if shards == 1 else [f"coordinator-shard-{i}" for i in range(shards)]
     dirs = [coord_dir] if shards == 1 else [coord_dir / f"shard-{i}" for i in range(shards)]
+    if monitor is not None:
+        monitor.ports.assign([*(("coordinator", name) for name in names), *(("island", i) for i in tokens)])
     start = time.perf_counter()
     try:
         coords = []
@@ -131,9 +136,13 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
                 "--state-dir", str(state_dir), "--host", cfg.sim.host, "--port", "0",
                 "--set", f"coordinator.islands_file={json.dumps(str(coord_dir / 'islands.json'))}",
                 # no round closes before every simulated island has joined
-                "--set", f"coordinator.min_islands={n}", *(["--shard-index", str(i)] if shards > 1 else [])],
+                "--set", f"coordinator.min_islands={n}", *(["--shard-index", str(i)] if shards > 1 else []),
+                *coordinator_telemetry(monitor, name)],
                 env={"ARCHIPELAGO_ADMIN_CREDENTIAL": credential}))
         addresses = [wait_for_file(d / "address", c, 120) for d, c in zip(dirs, coords, strict=True)]
+        if monitor is not None:
+            monitor.islands_phase("islands", out, list(tokens),
+                                  status=lambda: live_status([admin_status(a, credential) for a in addresses]))
         for i, (island_id, token) in enumerate(tokens.items()):
             links = [LinkProxy(a, listen_host=cfg.sim.host, wan=cfg.sim.link(i), seed=cfg.train.seed + i).start()
                      for a in addresses]
@@ -141,7 +150,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
             group.start(island_id, [
                 *island_command, "--preset", str(preset_file), "--coordinator", ";".join(p.address for p in links),
                 "--island-id", island_id, "--island-index", str(i), "--num-islands", str(n),
-                "--report", str(out / f"{island_id}.json")], env={"ARCHIPELAGO_ISLAND_TOKEN": token})
+                "--report", str(out / f"{island_id}.json"), *island_telemetry(monitor, out, island_id, cfg.sim.host)],
+                env={"ARCHIPELAGO_ISLAND_TOKEN": token})
         deadline = time.monotonic() + cfg.sim.timeout_s
         pending = set(tokens)
         while pending:
@@ -160,6 +170,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
             time.sleep(0.2)
         wall = time.perf_counter() - start
         statuses = []
+        if monitor is not None:
+            monitor.linger()
         for address in addresses:
             with grpc.insecure_channel(address) as channel:
                 status = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=30)
@@ -167,6 +179,8 @@ def run_islands(cfg: SimConfig, out: Path, preset_file: Path, island_command: tu
             statuses.append(json.loads(status.json))
         for coord in coords:
             coord.wait(timeout=60)
+        if monitor is not None:
+            monitor.end_phase(live_status(statuses))
     finally:
         group.kill_all()
         for links in proxies:
@@ -211,6 +225,47 @@ def newest_state(coord_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], i
             files.setdefault(name, {}).update(tensors)
         version += int(manifest["version"])
     return files, version
+
+
+def coordinator_telemetry(monitor: RunMonitor | None, name: str = "coordinator") -> list[str]:
+    """The coordinator's `--set` flags for its metrics port (none without a monitor)."""
+    if monitor is None:
+        return []
+    return ["--set", f"coordinator.metrics_port={monitor.ports.port('coordinator', name)}"]
+
+
+def island_telemetry(monitor: RunMonitor | None, out: Path, island_id: str, host: str) -> list[str]:
+    """An island's `--set` flags for its metrics port and progress file (none without a monitor)."""
+    if monitor is None:
+        return []
+    progress = str(out / f"{island_id}.progress.json")
+    (out / f"{island_id}.progress.json").unlink(missing_ok=True)
+    return ["--set", f"diloco.metrics_port={monitor.ports.port('island', island_id)}",
+            "--set", f"diloco.metrics_host={json.dumps(host)}", "--set", f"diloco.progress_file={json.dumps(progress)}"]
+
+
+def live_status(statuses: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """What the live view reads of the coordinator, from every shard's status (one's, unsharded):
+    the composite version, each fragment's committed version from its owner, every shard's
+    history in time order."""
+    if len(statuses) == 1 or any(s is None for s in statuses):
+        return statuses[0] if len(statuses) == 1 else None
+    merged = dict(statuses[0])
+    merged["version"] = sum(s["version"] for s in statuses)
+    merged["fragment_versions"] = [max(v) for v in zip(*(s["fragment_versions"] for s in statuses), strict=True)]
+    merged["rounds"] = [max(r) for r in zip(*(s["rounds"] for s in statuses), strict=True)]
+    merged["history"] = sorted((e for s in statuses for e in s["history"]), key=lambda e: e.get("time", 0))
+    return merged
+
+
+def admin_status(address: str, credential: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The coordinator's Admin.Status detail, or None while it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.AdminStub(channel).Status(pb.AdminRequest(credential=credential), timeout=timeout_s)
+        return json.loads(reply.json)
+    except grpc.RpcError:
+        return None
 
 
 @torch.no_grad()
@@ -290,14 +345,14 @@ def bound_push_tokens(cfg: SimConfig) -> None:
         cfg.coordinator.max_tokens_per_push = PUSH_TOKENS_FACTOR * longest * cfg.train.batch_size * cfg.train.seq_len
 
 
-def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
+def simulate(cfg: SimConfig, out: Path, preset_label: str, monitor: RunMonitor | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)  # prepare once, before any process needs it
     bound_push_tokens(cfg)
     preset_file = out / "sim-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     warm = warm_start(cfg, out / "warmstart") if cfg.sim.warmstart_steps else None
-    result = run_islands(cfg, out, preset_file, init_model=warm[0] if warm else None)
+    result = run_islands(cfg, out, preset_file, init_model=warm[0] if warm else None, monitor=monitor)
     final_eval, final_version, coordinator_theta_b = evaluate_global(cfg, result["coordinator_dir"])
     island_digests = {i["theta_b_sha256"] for i in result["islands"]}
     n, h = cfg.sim.islands, cfg.diloco.inner_steps
@@ -341,8 +396,10 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str) -> dict[str, Any]:
             "intra_island_failures", "intra_island_recoveries")})
         report["replicas_identical_at_syncs"] = all(i["replicas_identical_at_syncs"] for i in result["islands"])
     if cfg.sim.baseline == "ddp":
-        from sim.ddp import run_ddp
+        from sim.ddp import PROGRESS_FILE, run_ddp
 
+        if monitor is not None:
+            monitor.baseline_phase(out / "ddp" / PROGRESS_FILE, steps)
         ddp = run_ddp(one_process(cfg), n, steps, out / "ddp", eval_every=h,
                       timeout_s=cfg.sim.timeout_s, init=warm[1] if warm else None)
         report.update({
