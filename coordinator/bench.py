@@ -55,7 +55,7 @@ from protos import archipelago_pb2_grpc as pb_grpc
 from protos.codec import Payload, encode, payload_nbytes
 from protos.fragments import split_fragments
 from protos.framing import split_chunks
-from protos.quant import SCHEMES
+from protos.quant import CodecError, get_scheme
 
 TINY_PARAMS = 2_361_280  # elements DiLoCo syncs for configs/tiny.toml's model (a test keeps this true)
 TENSOR_NUMEL = 1 << 18  # the synthetic model's tensors: this many elements each, the last one shorter
@@ -86,8 +86,10 @@ class BenchConfig:
             raise cfglib.ConfigError(f"--shards {self.shards}: the {self.params:,} params make only "
                                      f"{-(-self.params // TENSOR_NUMEL)} tensors of {TENSOR_NUMEL:,}, one fragment "
                                      "needs at least one")
-        if self.scheme not in SCHEMES:
-            raise cfglib.ConfigError(f"--scheme {self.scheme!r} is not one of {sorted(SCHEMES)}")
+        try:
+            get_scheme(self.scheme)
+        except CodecError as exc:
+            raise cfglib.ConfigError(f"--scheme: {exc}") from None
 
 
 def model_sized(params: int, seed: int, scale: float) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from archipelago.config import ConfigError
+from protos.quant import ChunkTopK, CodecError, get_scheme
 
 AGGREGATIONS = ("mean", "trimmed_mean")
 
@@ -37,7 +38,11 @@ class CoordinatorConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
-    broadcast_scheme: str = "int8-block"  # how outer deltas travel back to islands
+    # How outer deltas travel back to islands. A sparse scheme (sparse-{k}of{chunk}-{bits}bit,
+    # protos/sparse.py) needs an update that is itself sparse: the mean of the islands' sparse pushes
+    # with no outer momentum (docs/design.md step 9); its k per chunk should hold the union of the
+    # islands' k (islands × their k), so the update's support fits.
+    broadcast_scheme: str = "int8-block"
     # Payloads
     chunk_bytes: int = 1 << 20
     max_message_bytes: int = 8 << 20
@@ -134,6 +139,15 @@ class CoordinatorConfig:
             raise ConfigError("coordinator.max_push_streams must be >= 1 and max_push_streams_per_island in "
                               f"[1, max_push_streams], got {self.max_push_streams} and "
                               f"{self.max_push_streams_per_island}")
+        try:
+            scheme = get_scheme(self.broadcast_scheme)
+        except CodecError as exc:
+            raise ConfigError(f"coordinator.broadcast_scheme: {exc}") from None
+        if isinstance(scheme, ChunkTopK) and (self.outer_momentum > 0 or self.aggregation != "mean"):
+            raise ConfigError(f"coordinator.broadcast_scheme = {self.broadcast_scheme!r} sends the outer update as a "
+                              "sparse union, which it is only without outer momentum and with the plain mean: set "
+                              f"coordinator.outer_momentum = 0 (is {self.outer_momentum}) and aggregation = \"mean\" "
+                              f"(is {self.aggregation!r}), or broadcast a dense scheme")
         if self.clip_update_norm < 0 or self.clip_window < 1:
             raise ConfigError("coordinator.clip_update_norm must be >= 0 (0: off) and clip_window >= 1, got "
                               f"{self.clip_update_norm} and {self.clip_window}")

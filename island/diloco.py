@@ -120,7 +120,7 @@ class DiLoCoClient:
         self.rounds = [0] * cfg.fragments
         self.base_version = [0] * cfg.fragments
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
-        self.feedback = [ErrorFeedback() for _ in range(cfg.fragments)]
+        self.feedback = [ErrorFeedback(cfg.ef_decay) for _ in range(cfg.fragments)]
         self.stats = IslandStats()
         self._stop = threading.Event()
         self._joined = False  # the first θ_b is in place
@@ -397,7 +397,7 @@ class DiLoCoClient:
         if header.timeline != self.timeline:
             self.timeline = header.timeline
             self.outstanding.clear()
-            self.feedback = [ErrorFeedback() for _ in range(self.cfg.fragments)]
+            self.feedback = [ErrorFeedback(self.cfg.ef_decay) for _ in range(self.cfg.fragments)]
             self.stats.reloads += 1
             log.warning("island %s reloaded θ_b at version %d (timeline %d) after a rollback", self.island_id,
                         header.version, header.timeline)

@@ -10,14 +10,17 @@ import torch
 
 from archipelago.config import ConfigError, config_hash
 from island.train import Trainer, model_tensors
-from protos.quant import SCHEMES
+from protos.quant import CodecError, get_scheme
 
 
 @dataclass
 class DiLoCoConfig:
     inner_steps: int = 50  # H
     fragments: int = 1  # F: streaming DiLoCo syncs fragment f at inner-step offset f·H/F
-    codec: str = "int8-block"
+    codec: str = "int8-block"  # a registered scheme, or sparse-{k}of{chunk}-{bits}bit (protos/sparse.py)
+    # Error feedback's decay β: the island sends Q(Δ + β·e) and keeps e ← Δ + β·e − what it sent.
+    # 1: classic error feedback; SparseLoCo (arXiv 2508.15706) uses 0.95 with its sparse codec.
+    ef_decay: float = 1.0
     rounds: int = 6  # outer rounds each island runs
     # Inner steps of each round when they are not all H (e.g. short first rounds while islands
     # that leave one random init are still far from linearly connected); empty: H every round.
@@ -73,8 +76,12 @@ class DiLoCoConfig:
             if bad:
                 raise ConfigError(f"diloco.round_steps entries must be positive multiples of "
                                   f"diloco.fragments ({self.fragments}), got {bad}")
-        if self.codec not in SCHEMES:
-            raise ConfigError(f"diloco.codec '{self.codec}' is not one of {sorted(SCHEMES)}")
+        try:
+            get_scheme(self.codec)
+        except CodecError as exc:
+            raise ConfigError(f"diloco.codec: {exc}") from None
+        if not 0 < self.ef_decay <= 1:
+            raise ConfigError(f"diloco.ef_decay must be in (0, 1], got {self.ef_decay}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("diloco.tls_cert and diloco.tls_key go together: give both or neither")
         if not self.retry_max_delay_s > 0:

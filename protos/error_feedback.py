@@ -1,7 +1,9 @@
 """Error feedback: what quantization dropped from one round is re-sent in the next.
 
-`ErrorFeedback.encode` is the island's encode: it runs the codec (`protos.codec`) on ``Δ + e``
-and keeps the new residual, for block schemes in the same fused kernel call.
+`ErrorFeedback.encode` is the island's encode: it runs the codec (`protos.codec`) on ``Δ + β·e``
+and keeps the new residual, for block schemes in the same fused kernel call. ``β`` (``decay``) is
+1 for classic error feedback; SparseLoCo (arXiv 2508.15706) decays the buffer, β = 0.95, which then
+plays the part of outer momentum.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from protos.quant import BlockBatch, CodecError, _BlockScheme, get_scheme
 class ErrorFeedback:
     """Per-tensor residuals so that quantization error is re-sent, not lost (EF / EF21 style).
 
-    For each tensor: ``y = Δ + e``, send ``Q(y)``, reconstruct ``ŷ`` from the very bytes sent
+    For each tensor: ``y = Δ + β·e``, send ``Q(y)``, reconstruct ``ŷ`` from the very bytes sent
     (the same code path the receiver runs), and keep ``e ← y − ŷ``.  Then
-    ``Σ_t ŷ_t = T·Δ − e_T``: the sum of what was received tracks the sum of what was meant,
-    off by one round's quantization error however many rounds pass.  Residuals of tensors
-    missing from a round (streaming fragments) are kept untouched.
+    ``Σ_t β^(T−t) ŷ_t = Σ_t β^(T−t) Δ_t − e_T``: the (decayed) sum of what was received tracks
+    the (decayed) sum of what was meant, off by the residual, however many rounds pass; with
+    β = 1 that is one round's quantization error, with β < 1 and ‖Δ_t‖∞ ≤ D it is at most
+    D / (1 − β) whatever the scheme drops.  Residuals of tensors missing from a round (streaming
+    fragments) are kept untouched.
 
     Block schemes keep the residuals of a round's tensors as views of one flat buffer and,
     while the rounds keep the same tensors, alternate between two such buffers: the kernel
@@ -34,7 +38,10 @@ class ErrorFeedback:
     so a refused round (a NaN) leaves the state as it was.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, decay: float = 1.0) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise CodecError(f"error-feedback decay must be in [0, 1], got {decay}")
+        self.decay = decay
         self._residuals: dict[str, torch.Tensor] = {}  # name → fp32, the delta's shape
         self._flat: _FlatResiduals | None = None
 
@@ -58,7 +65,7 @@ class ErrorFeedback:
             if e is not None and e.shape != d.shape:
                 shapes = f"shape {tuple(d.shape)} but its residual has {tuple(e.shape)}"
                 raise CodecError(f"delta {name!r} has {shapes}; reset() first")
-            residuals.append(e)
+            residuals.append(e if e is None or self.decay == 1.0 else e * self.decay)
             dtypes[name] = _dtype_name(d.dtype)
         if isinstance(q, _BlockScheme):
             return self._encode_block(deltas, q, residuals, dtypes, zstd_level, zstd)

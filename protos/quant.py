@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import torch
 
+from protos import sparse
 from protos.block_schemes import (
     BlockBatch,
     Fp8Block,
@@ -37,10 +38,11 @@ from protos.scheme import (
     Scheme,
     _max_abs,
 )
+from protos.sparse import ChunkTopK
 
 __all__ = ["COMPILE_ENV", "DEFAULT_BLOCK", "SCHEMES", "Bf16", "BlockBatch", "CodecError",
            "Fp8Block", "Fp32", "Int2Block", "Int4Block", "Int8Block", "Kernel", "PartSpec", "Parts", "Scheme",
-           "TopKInt8", "_BlockScheme", "_IntBlock", "compile_in_background", "compile_mode", "get_scheme",
+           "ChunkTopK", "TopKInt8", "_BlockScheme", "_IntBlock", "compile_in_background", "compile_mode", "get_scheme",
            "kernel_states"]
 
 
@@ -127,12 +129,23 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+_SPARSE: dict[str, ChunkTopK] = {}  # the chunked top-k schemes named so far (`protos.sparse`)
+
+
 def get_scheme(name: str) -> Scheme:
-    """The registered scheme called ``name``; CodecError listing the known names otherwise."""
+    """The registered scheme called ``name``, or the chunked top-k scheme a
+    ``sparse-{k}of{chunk}-{bits}bit`` name describes; CodecError listing the known names otherwise."""
     try:
         return SCHEMES[name]
     except (KeyError, TypeError):
-        raise CodecError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+        pass
+    if name in _SPARSE:
+        return _SPARSE[name]
+    scheme = sparse.parse(name)
+    if scheme is None:
+        raise CodecError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}, "
+                         "sparse-{k}of{chunk}-{bits}bit") from None
+    return _SPARSE.setdefault(name, scheme)
 
 
 MERGE_KERNELS = ("accumulate", "quantize", "dequantize")

@@ -19,6 +19,7 @@ from sim.scrape import MetricsPorts, add_prometheus_argument, metrics_ports
 
 SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss", "merge_gain",
            "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
+           "bits_per_param_up", "bits_per_param_down",
            "compute_utilization", "peak_wan_bits_per_s", "fp32_sync_to_compute_ratio", "codec",
            "theta_b_identical", "replica_groups", "ranks_per_group", "expert_parallel",
            "intra_island_failures", "intra_island_recoveries", "wall_s")

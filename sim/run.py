@@ -292,6 +292,13 @@ def fp32_sync_ratio(cfg: SimConfig, islands: list[dict[str, Any]]) -> float | No
     return send_s / compute_per_round
 
 
+def wire_bits_per_param(cfg: SimConfig, island_bytes: list[int]) -> float:
+    """An island's bytes in one direction over the run, in bits per synced parameter and round
+    (the mean over islands)."""
+    per_round = synced_numel(cfg.model) * cfg.diloco.rounds
+    return sum(b * 8 / per_round for b in island_bytes) / len(island_bytes)
+
+
 def synced_numel(model_cfg: ModelConfig) -> int:
     """Elements DiLoCo syncs: parameters (tied ones once) and persistent floating buffers."""
     with torch.device("meta"):
@@ -369,6 +376,9 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str, monitor: RunMonitor |
         "codec": cfg.diloco.codec, "broadcast_codec": cfg.coordinator.broadcast_scheme,
         "wan_bytes": sum(link.total for link in result["links"]),
         "wan_bytes_per_island": [{"up": link.bytes_up, "down": link.bytes_down} for link in result["links"]],
+        # on the wire (framing, heartbeats and pulls included), per synced parameter and outer round
+        "bits_per_param_up": wire_bits_per_param(cfg, [link.bytes_up for link in result["links"]]),
+        "bits_per_param_down": wire_bits_per_param(cfg, [link.bytes_down for link in result["links"]]),
         "peak_wan_bits_per_s": max(link.peak_bits_per_s() for link in result["links"]),
         "compute_utilization": sum(i["compute_s"] / max(1e-9, i["compute_s"] + i["blocked_s"])
                                    for i in result["islands"]) / n,

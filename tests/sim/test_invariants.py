@@ -122,6 +122,29 @@ def test_broadcast_copy_is_bit_identical_everywhere(tmp_path, sim_config, overla
     assert report["wan_bytes"] > 0 and report["tokens"] == 3 * 3 * 4 * 4 * 32
 
 
+def test_the_sparse_exchange_keeps_the_broadcast_copy_bit_identical(tmp_path, sim_config):
+    """Chunked top-k pushes with a decaying error feedback, the outer update (no momentum) broadcast
+    sparse: after several rounds every island holds the coordinator's θ_b bit for bit."""
+    cfg = sim_config("sim.islands=2", "sim.baseline=none", "diloco.inner_steps=4", "diloco.rounds=4",
+                     "diloco.eval_every_rounds=0", 'diloco.codec="sparse-16of256-2bit"', "diloco.ef_decay=0.95",
+                     'coordinator.broadcast_scheme="sparse-32of256-2bit"', "coordinator.outer_momentum=0.0",
+                     "coordinator.outer_lr=1.0")
+    report = simulate(cfg, tmp_path / "sim", "test")
+    islands = [json.loads((tmp_path / "sim" / f"island-{i}.json").read_text()) for i in range(2)]
+    assert report["final_version"] == 4 and all(i["final_version"] == 4 for i in islands)
+    assert {i["theta_b_sha256"] for i in islands} == {report["theta_b_sha256"]} and report["theta_b_identical"]
+    # a push carries 16 of every 256 values at 2 bits plus 8-bit positions: far under a bit a parameter
+    assert report["bits_per_param_up"] < 1.0 < report["bits_per_param_up"] * 32
+
+
+def test_a_sparse_broadcast_of_an_update_that_is_not_sparse_is_refused(sim_config):
+    with pytest.raises(cfglib.ConfigError, match="outer_momentum = 0"):
+        sim_config('coordinator.broadcast_scheme="sparse-32of256-2bit"', "coordinator.outer_momentum=0.9")
+    with pytest.raises(cfglib.ConfigError, match="aggregation"):
+        sim_config('coordinator.broadcast_scheme="sparse-32of256-2bit"', "coordinator.outer_momentum=0.0",
+                   'coordinator.aggregation="trimmed_mean"')
+
+
 @pytest.mark.parametrize("bad,match", [("sim.islands=0", "sim.islands"),
                                        ("diloco.codec=gzip", "diloco.codec"),
                                        ("diloco.inner_steps=5", "multiple of"),
