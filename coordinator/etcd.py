@@ -234,7 +234,8 @@ class LeaderElection:
 
     def _lapsed(self) -> str:
         return (f"could not renew the leader lease within its TTL of {self.ttl_s}s: the last renewal etcd "
-                f"answered was sent at {_clock(self.renewed_at)} ({time.time() - self.renewed_at:.2f}s ago)"
+                f"answered was sent at {_clock(self.renewed_at)} (unix {self.renewed_at:.3f}, "
+                f"{time.time() - self.renewed_at:.2f}s ago)"
                 + (f"; etcd: {self.etcd_error}" if self.etcd_error
                    else "; no renewal was answered since (etcd unreachable, or this process was paused)"))
 

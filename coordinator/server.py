@@ -317,7 +317,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         c = self.c
         stream: list[tuple[str, int, int]] = []  # the key this stream holds a slot for, once it has one
         try:
-            contribution, member, nbytes, timeline = await self._receive_push(request_iterator, stream)
+            try:  # admission reads the store: one that does not answer ends this leader's term
+                contribution, member, nbytes, timeline = await self._receive_push(request_iterator, stream)
+            except Fenced as exc:
+                raise c.fenced(exc) from exc
             open_round = c.engine.rounds[contribution.fragment]
             try:
                 c.check_serving()
@@ -464,8 +467,11 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Checkpoint(self, request: pb.AdminRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
-        async with self.c.engine.lock:
-            path = await asyncio.to_thread(self.c.engine.checkpoint)
+        try:
+            async with self.c.engine.lock:
+                path = await asyncio.to_thread(self.c.engine.checkpoint)
+        except Fenced as exc:
+            await _abort(context, self.c.fenced(exc))
         return pb.AdminReply(ok=True, message=str(path), version=self.c.engine.version)
 
     async def Shutdown(self, request: pb.AdminRequest, context) -> pb.AdminReply:
