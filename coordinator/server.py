@@ -90,6 +90,8 @@ class Coordinator:
                     "fragments": num_fragments, "tensor_names": manifest["tensor_names"]}
         self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
         self.engine.on_fenced = self.fenced
+        if leadership is not None:
+            self.engine.leading = leadership.leading
         self.streams = PushStreams(cfg.max_push_streams, cfg.max_push_streams_per_island)
         compile_in_background(cfg.broadcast_scheme)  # the merge's kernels come with each push's scheme
         self.resumed = self.engine.restore()
