@@ -9,14 +9,12 @@ Every process is started in its own session and killed by PID; every wait is bou
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import threading
 import time
 import uuid
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,19 +159,6 @@ class CutProxy:
         self._closed = True
         self.heal()
         self.listener.close()
-
-
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-
-
-def log_times(path: Path, text: str) -> list[float]:
-    """Wall times of the lines of the log at `path` that contain `text`."""
-    out = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        m = LOG_TIME.match(line)
-        if m and text in line:
-            out.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    return out
 
 
 class EtcdRun:

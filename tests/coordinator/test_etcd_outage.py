@@ -34,11 +34,13 @@ import grpc
 import pytest
 
 from archipelago import procs
+from coordinator.config import CoordinatorConfig
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
+from sim.chaos_cluster import log_times
 from sim.run import ProcessGroup
-from tests.coordinator.conftest import ADMIN_CREDENTIAL, CoordinatorConfig
-from tests.coordinator.etcd_run import CutProxy, EtcdRun, EtcdServer, log_times
+from tests.coordinator.conftest import ADMIN_CREDENTIAL
+from tests.coordinator.etcd_run import CutProxy, EtcdRun, EtcdServer
 from tests.coordinator.processes import admin_status, harness_for, start_coordinator
 
 pytestmark = [pytest.mark.etcd,
