@@ -184,7 +184,8 @@ class RunFaultInjector:
         elif fault.kind in ("kill_etcd", "etcd_outage"):
             fault.detail["killed_at"] = time.time()
             c.kill_etcd()
-            self.cluster.done.wait(fault.duration_s)  # the run cannot end without etcd; bounded anyway
+            if self.cluster.done.wait(fault.duration_s):  # the islands finished: no point in waiting
+                fault.detail["cut_short_at_s"] = round(time.time() - fault.detail["killed_at"], 2)
             down_before, ready_at = c.restart_etcd()
             fault.detail.update(down_before=down_before, ready_at=ready_at)
             elected = c.wait_leader(after=down_before)
@@ -309,7 +310,8 @@ def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
             ready = f["detail"].get("ready_at")
             f["detail"]["versions_after"] = len([v for v, row in run["versions"]
                                                  if ready is not None and row["info"]["time"] > ready])
-            f["recovered"] = f["detail"]["versions_after"] > 0 or (ready is not None and _all_done(run))
+            elected = f["detail"].get("elected_after_ready_s") is not None
+            f["recovered"] = elected and (f["detail"]["versions_after"] > 0 or _all_done(run))
         elif f["kind"] in ("cut_leader_etcd", "term_coordinator"):
             at = f["detail"].get("from", f["detail"].get("signalled_at", 0.0))
             f["detail"]["versions_after"] = len([v for v, row in run["versions"] if row["info"]["time"] > at])
