@@ -138,6 +138,7 @@ class LeaderElection:
         self.renewed_at = 0.0  # wall time the last answered renewal (or the grant) was sent
         self.etcd_error = ""  # the last failed renewal's error; "" once one succeeds
         self._keepalive: asyncio.Future | None = None
+        self._term = 0  # counts wins: a keep-alive of an earlier term never touches this one
 
     # ---- standing --------------------------------------------------------------------------------
 
@@ -169,7 +170,8 @@ class LeaderElection:
                     failures = 0
             if epoch:
                 self.epoch = epoch
-                self._keepalive = asyncio.run_coroutine_threadsafe(self._keep_alive(), self.session.loop)
+                self._term += 1
+                self._keepalive = asyncio.run_coroutine_threadsafe(self._keep_alive(self._term), self.session.loop)
                 log.info("elected leader with epoch %d (lease TTL %ds)", epoch, self.ttl_s)
                 return epoch
             if stop is not None:
@@ -239,19 +241,19 @@ class LeaderElection:
                 + (f"; etcd: {self.etcd_error}" if self.etcd_error
                    else "; no renewal was answered since (etcd unreachable, or this process was paused)"))
 
-    async def _keep_alive(self) -> None:
+    async def _keep_alive(self, term: int) -> None:
         interval = self.ttl_s / 3
         next_at = time.monotonic() + interval
-        while not self.lost.is_set():
+        while not self.lost.is_set() and term == self._term:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             sent, sent_wall = time.monotonic(), time.time()
             if sent >= self.deadline:
-                self._lose(self._lapsed())
+                self._lose(self._lapsed(), term)
                 return
             try:
                 reply = await asyncio.wait_for(self.lease.refresh(), timeout=self.deadline - sent)
             except asyncio.TimeoutError:
-                self._lose(self._lapsed())
+                self._lose(self._lapsed(), term)
                 return
             except asyncio.CancelledError:
                 raise
@@ -264,9 +266,9 @@ class LeaderElection:
                 continue
             if reply is None or reply.TTL <= 0:
                 self._lose("etcd says the leader lease expired (this process stalled or lost etcd for longer "
-                           "than its TTL)")
+                           "than its TTL)", term)
                 return
-            if self.lost.is_set():
+            if self.lost.is_set() or term != self._term:
                 return
             if self.etcd_error:
                 log.info("leader lease renewed again after: %s", self.etcd_error)
@@ -275,8 +277,8 @@ class LeaderElection:
             self.etcd_error = ""
             next_at = sent + interval
 
-    def _lose(self, reason: str) -> None:
-        if self.lost.is_set():
+    def _lose(self, reason: str, term: int | None = None) -> None:
+        if self.lost.is_set() or (term is not None and term != self._term):
             return
         self.lost_reason = reason
         log.error("lost leadership (epoch %d): %s", self.epoch, reason)
