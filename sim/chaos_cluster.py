@@ -131,8 +131,6 @@ class Cluster:
 
     def _start_island(self, island: str, name: str) -> None:
         i = list(self.tokens).index(island)
-        self.current[island] = name
-        self.down.discard(island)
         addresses = ",".join(p.address for p in self.proxies[island])
         self.group.start(name, [
             "island", "run", "--preset", str(self.preset_file), "--coordinator", addresses,
@@ -140,6 +138,9 @@ class Cluster:
             "--report", str(self.out / f"{island}.json"),
             "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}"],
             env={"ARCHIPELAGO_ISLAND_TOKEN": self.tokens[island]})
+        # only now, with the process known: the main thread's waits look it up by these names
+        self.current[island] = name
+        self.down.discard(island)
 
     def _wait_serving(self, port: int, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
         wait_serving(lambda: self.status(port), self.group.procs[name], name, timeout_s,
