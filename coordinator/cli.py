@@ -178,6 +178,10 @@ def status(args) -> int:
 
     console.print(f"version [bold]{reply.version}[/], rounds {detail['rounds']}, "
                   f"last checkpoint {detail['last_checkpoint']}")
+    if detail.get("view") == "local":  # the store (etcd) did not answer: the coordinator's own view
+        age = detail.get("checkpoints_read_s_ago")
+        console.print(f"[yellow]view: local (this coordinator's own state; {detail.get('view_reason', '')}); "
+                      f"checkpoints as read {'never' if age is None else f'{age:.0f}s ago'}")
     table = Table("island", "epoch", "state", "last seen (s)", "pushes", "bytes in", "bytes out")
     for i in reply.islands:
         table.add_row(i.island_id, str(i.epoch), i.state, f"{i.last_seen_s:.1f}", str(i.pushes),

@@ -123,6 +123,7 @@ class RoundEngine:
         self.received_here: set[Key] = set()  # pushes this process received (and hashed) itself
         self.closing: set[int] = set()  # fragments whose round is closing now
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None  # another coordinator took over
+        self.leading: Callable[[], bool] = lambda: True  # False once the leader lease may have lapsed
         self._tasks: set[asyncio.Task] = set()
         self.observer = RoundObserver()  # told of every commit and refusal (coordinator/metrics.py)
 
@@ -425,6 +426,8 @@ class RoundEngine:
                 "staleness": [version - 1 - c.base_version for c in contributions],
                 "delta_sha256": payload.header["body_sha256"], "timeline": self.timeline,
                 "merge_s": step.merge_s, "merged_early": step.merged_early, "time": time.time(), **step.robust}
+        if not self.leading():  # another leader may be writing this version's files in the shared directory
+            raise Fenced(f"the leader lease lapsed before version {version} was written")
         delta_path = write_payload(self.delta_dir / f"v{version:012d}-t{self.timeline}.bin", payload)
         checkpoint = None
         if self.cfg.checkpoint_every and version % self.cfg.checkpoint_every == 0:

@@ -47,6 +47,7 @@ STATUS = {name: getattr(grpc.StatusCode, name) for name in (
 
 
 ACTION_KEY = "archipelago-action"  # trailing metadata: what the island should do about a refusal
+STATUS_STORE_TIMEOUT_S = 2.0  # Status waits this long for the store before answering from memory
 
 
 def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,8 +62,13 @@ def load_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 class Coordinator:
     """The state behind both services: membership, parameters, the round engine, metrics."""
 
-    def __init__(self, cfg: CoordinatorConfig, init: str | Path, store: StateStore | None = None) -> None:
+    def __init__(self, cfg: CoordinatorConfig, init: str | Path, store: StateStore | None = None,
+                 metrics: Metrics | None = None, leadership: Any = None) -> None:
         self.cfg = cfg
+        # With etcd, the leader election (coordinator/etcd.py: LeaderElection): `leading()` by the
+        # lease's local deadline, `problem()` why the store may not answer (docs/design.md,
+        # "Standby coordinators and etcd"). None: the store is the local sqlite file.
+        self.leadership = leadership
         tokens = load_tokens(cfg.islands_file)
         for island, token in (tokens or {}).items():
             if cfg.admin_credential and same_secret(token, cfg.admin_credential):
@@ -84,19 +90,23 @@ class Coordinator:
                     "fragments": num_fragments, "tensor_names": manifest["tensor_names"]}
         self.engine = RoundEngine(cfg, self.params, self.store, self.membership, run_meta)
         self.engine.on_fenced = self.fenced
+        if leadership is not None:
+            self.engine.leading = leadership.leading
         self.streams = PushStreams(cfg.max_push_streams, cfg.max_push_streams_per_island)
         compile_in_background(cfg.broadcast_scheme)  # the merge's kernels come with each push's scheme
         self.resumed = self.engine.restore()
         self._check_shard_state()
         if not self.resumed:
             self.engine.checkpoint()
-        self.metrics = Metrics(cfg.metrics_port, cfg.host)
+        self.metrics = metrics if metrics is not None else Metrics(cfg.metrics_port, cfg.host)
         self.engine.observer = self.metrics
         self.started = time.time()
         self.stopping = asyncio.Event()
         self.stop_reason = ""
         self.lost_leadership = False
         self._digest: tuple[int, int, str] = (-1, -1, "")
+        # the last checkpoint table read from the store, and when: a status without the store shows it
+        self._store_view: tuple[dict[str, Any], float] | None = ({"checkpoints": self.store.checkpoints()}, time.time())
 
     def _check_shard_state(self) -> None:
         """A shard resumes only on its own state directory (its checkpoints hold only its fragments)."""
@@ -121,6 +131,7 @@ class Coordinator:
         return self._digest[2]
 
     def lease(self, lease: pb.Lease) -> Member:
+        self.check_serving()
         try:
             member = self.membership.check(lease.island_id, lease.lease_id, lease.epoch)
         except LeaseError as exc:
@@ -136,9 +147,27 @@ class Coordinator:
 
     def stop(self, reason: str) -> None:
         if not self.stopping.is_set():
-            log.log(logging.ERROR if self.lost_leadership else logging.INFO, "stopping: %s", reason)
+            log.log(logging.ERROR if self.lost_leadership else logging.INFO,
+                    "not accepting pushes or commits from now on: %s", reason)
             self.stop_reason = reason
             self.stopping.set()
+            for queue in list(self.engine.subscribers):  # each event stream ends with UNAVAILABLE
+                queue.put_nowait(None)
+
+    def refusal(self) -> Refused | None:
+        """Why this coordinator takes no island call now (stopping, or the leader lease's deadline
+        passed), as a refusal islands retry at their next address; None while it serves."""
+        if self.stopping.is_set():
+            return Refused(f"this coordinator stopped serving ({self.stop_reason}): try another address",
+                           "UNAVAILABLE")
+        if self.leadership is not None and not self.leadership.leading():
+            return Refused("this coordinator no longer holds the leader lease: try another address", "UNAVAILABLE")
+        return None
+
+    def check_serving(self) -> None:
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
 
     def fragment_states(self) -> list[pb.FragmentState]:
         """The open round and last version of each fragment this coordinator owns (all, unsharded)."""
@@ -146,7 +175,25 @@ class Coordinator:
         return [pb.FragmentState(fragment=f, round=e.rounds[f], version=e.fragment_versions[f])
                 for f in self.params.owned]
 
-    def status(self) -> pb.StatusReply:
+    async def status(self) -> pb.StatusReply:
+        """The coordinator's status. The checkpoint table comes from the state store; when the store
+        does not answer (etcd away) the reply is this coordinator's own view, marked `"view": "local"`
+        with the reason, and its checkpoints as last read (docs/design.md, "Standby coordinators and
+        etcd"). Never fails because etcd does."""
+        why = self.leadership.problem() if self.leadership is not None else ""
+        if not why:
+            try:
+                if self.leadership is None:  # sqlite: a local file
+                    checkpoints = self.store.checkpoints()
+                else:
+                    checkpoints = await asyncio.wait_for(asyncio.to_thread(self.store.checkpoints),
+                                                         STATUS_STORE_TIMEOUT_S)
+                self._store_view = ({"checkpoints": checkpoints}, time.time())
+            except Exception as exc:  # etcd did not answer: say so, answer from memory
+                why = f"the state store did not answer ({type(exc).__name__}: {exc})"
+        return self.status_reply(why)
+
+    def status_reply(self, why: str = "") -> pb.StatusReply:
         now = time.monotonic()
         done = self.engine.done_islands()
         islands = [pb.IslandStatus(island_id=m.island_id, epoch=m.epoch,
@@ -154,7 +201,8 @@ class Coordinator:
                                    last_seen_s=now - m.last_seen, pushes=m.pushes, bytes_in=m.bytes_in,
                                    bytes_out=m.bytes_out)
                    for m in self.membership.members.values()]
-        latest = self.store.latest_checkpoint()
+        table, read_at = self._store_view if self._store_view is not None else ({"checkpoints": {}}, None)
+        checkpoints = table["checkpoints"]
         history = list(self.engine.history)
         detail = {"version": self.engine.version, "rounds": self.engine.rounds,
                   "timeline": self.engine.timeline, "config_hash": self.config_hash, "resumed": self.resumed,
@@ -163,15 +211,22 @@ class Coordinator:
                   "closing_fragments": sorted(self.engine.closing),
                   "codec_kernels": kernel_states(),
                   "live_islands": self.membership.live(), "finished_islands": sorted(done),
-                  "last_checkpoint": latest[1] if latest else None,
-                  "checkpoints": sorted(self.store.checkpoints()),
+                  "last_checkpoint": checkpoints[max(checkpoints)] if checkpoints else None,
+                  "checkpoints": sorted(checkpoints),
                   "guard": {**self.engine.guard.state(),
                             "decisions": [e for e in history if e.get("kind") in ("refused", "rollback")][-50:]},
                   "fragment_versions": self.engine.fragment_versions,
                   "islands_progress": self.metrics.islands_progress(),
                   "uptime_s": time.time() - self.started, "history": history[-50:],
                   "shard_index": self.cfg.shard_index, "num_shards": self.cfg.num_shards,
-                  "fragments_owned": self.params.owned}
+                  "fragments_owned": self.params.owned,
+                  "view": "local" if why else "store"}
+        if why:
+            detail["view_reason"] = why
+            detail["checkpoints_read_s_ago"] = None if read_at is None else time.time() - read_at
+        if self.leadership is not None:
+            detail["leader"] = {"epoch": self.leadership.epoch, "lease_deadline_s": self.leadership.remaining(),
+                                "last_renewal_s_ago": time.time() - self.leadership.renewed_at}
         return pb.StatusReply(version=self.engine.version, fragments=self.fragment_states(),
                               islands=islands, json=json.dumps(strict_json(detail), allow_nan=False))
 
@@ -202,11 +257,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
         c = self.c
         try:
+            c.check_serving()
             c.membership.authenticate(request.island_id, request.token)
             if request.config_hash != c.config_hash:
                 raise Refused(f"config hash {request.config_hash!r} of island '{request.island_id}' differs "
                               "from the run's (model, tensors or fragments differ)", "FAILED_PRECONDITION")
             member = c.membership.register(request.island_id, request.token)
+            received = c.store.received_count(member.island_id)
         except LeaseError as exc:
             await context.abort(STATUS[exc.code], str(exc))
         except Refused as exc:
@@ -219,7 +276,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 broadcast_scheme=c.cfg.broadcast_scheme,
                                 staleness_limit=c.cfg.staleness_limit,
                                 theta_b_sha256=c.theta_b_digest(), timeline=c.engine.timeline,
-                                received_pushes=c.store.received_count(member.island_id),
+                                received_pushes=received,
                                 num_shards=c.cfg.num_shards, shard_index=c.cfg.shard_index)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
@@ -267,12 +324,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         c = self.c
         stream: list[tuple[str, int, int]] = []  # the key this stream holds a slot for, once it has one
         try:
-            contribution, member, nbytes, timeline = await self._receive_push(request_iterator, stream)
+            try:  # admission reads the store: one that does not answer ends this leader's term
+                contribution, member, nbytes, timeline = await self._receive_push(request_iterator, stream)
+            except Fenced as exc:
+                raise c.fenced(exc) from exc
             open_round = c.engine.rounds[contribution.fragment]
             try:
+                c.check_serving()
                 version = await c.engine.submit(contribution, timeline)
             except Fenced as exc:
                 raise c.fenced(exc) from exc
+            except Refused:
+                Path(contribution.path).unlink(missing_ok=True)
+                raise
+            refused = c.refusal()
+            if refused is not None:  # durable under this leader's epoch: the next leader holds it
+                raise Refused(f"{refused} (the push was recorded; the next leader answers that it holds it)",
+                              "UNAVAILABLE")
         except Refused as exc:
             c.metrics.refused.labels(reason=exc.code).inc()
             log.warning("push refused: %s %s", exc.code, exc)
@@ -280,6 +348,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             for key in stream:  # received (pending now) or refused: the slot is free again
                 c.streams.close(key)
+        log.info("push accepted: island %s round %d fragment %d (version %d)", member.island_id,
+                 contribution.round, contribution.fragment, version)
         member.pushes += 1
         member.bytes_in += nbytes
         c.metrics.pushes.labels(island=member.island_id).inc()
@@ -334,11 +404,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Refused as exc:
             await _abort(context, exc)
             return
-        queue: asyncio.Queue[RoundEvent] = asyncio.Queue()
+        queue: asyncio.Queue[RoundEvent | None] = asyncio.Queue()
         c.engine.subscribers.add(queue)
+        if c.stopping.is_set():
+            queue.put_nowait(None)
         try:
             while True:
                 event = await queue.get()
+                if event is None:  # this coordinator stopped serving: the island resubscribes elsewhere
+                    await _abort(context, c.refusal() or Refused("this coordinator stopped serving", "UNAVAILABLE"))
+                    return
                 yield pb.Event(kind=pb.Event.Kind.Value(event.kind), version=event.version,
                                fragment=event.fragment, round=event.round, message=event.message,
                                timeline=event.timeline)
@@ -353,7 +428,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if tokens is not None and not (request.island_id in tokens and
                                        same_secret(tokens[request.island_id], request.token)):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "GetStatus needs a valid island id and token")
-        return c.status()
+        return await c.status()
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -373,7 +448,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Status(self, request: pb.AdminRequest, context) -> pb.StatusReply:
         await self._check(request.credential, context)
-        return self.c.status()
+        return await self.c.status()
 
     async def Drain(self, request: pb.DrainRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
@@ -398,8 +473,11 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Checkpoint(self, request: pb.AdminRequest, context) -> pb.AdminReply:
         await self._check(request.credential, context)
-        async with self.c.engine.lock:
-            path = await asyncio.to_thread(self.c.engine.checkpoint)
+        try:
+            async with self.c.engine.lock:
+                path = await asyncio.to_thread(self.c.engine.checkpoint)
+        except Fenced as exc:
+            await _abort(context, self.c.fenced(exc))
         return pb.AdminReply(ok=True, message=str(path), version=self.c.engine.version)
 
     async def Shutdown(self, request: pb.AdminRequest, context) -> pb.AdminReply:

@@ -34,6 +34,9 @@ def merge_status(addresses: list[str], replies: list[dict[str, Any] | str]) -> d
         if (index, count) != (i, n):
             problems.append(f"the coordinator at {address} (shard {i} of {n} by its place in the list) says it is "
                             f"shard {index} of {count}")
+        if reply.get("view") == "local":
+            problems.append(f"shard {i} ({address}) answers from its own view, its store is away: "
+                            f"{reply.get('view_reason', '')}")
         shards.append({"shard": i, "address": address, **reply})
     up = [s for s in shards if "error" not in s]
     rounds: dict[int, int] = {}

@@ -4,9 +4,12 @@ the coordinator's absences (docs/design.md, steps 1, 2, 5 and 9).
 The outer loop (island/diloco.py) sees a small interface: `register`, `push(header, payload)`,
 `fetch(since, full)`, `heartbeat`, and a queue of coordinator `events`. Behind it:
 
-- every RPC retries with exponential backoff (at most `retry_max_delay_s` between attempts) for
-  `reconnect_timeout_s` while the coordinator is unreachable, trying each address of
-  `--coordinator a:1,b:2` in turn (a standby that took over);
+- every RPC retries with exponential backoff (at most `retry_max_delay_s` between attempts) while
+  the coordinator is unreachable, trying each address of `--coordinator a:1,b:2` in turn (a standby
+  that took over); by default for as long as it takes (`reconnect_timeout_s = 0`), with an ERROR
+  line every minute without a coordinator; with `reconnect_timeout_s > 0` the call gives up (and
+  the island stops) after that long. `Presence` counts the seconds spent without a coordinator and
+  the reconnections (a coordinator back, or another one answering), which the island reports;
 - a refusal whose trailing metadata `archipelago-action` says `register` (lease unknown, fenced or
   expired: a restarted or new leader) registers again, a new epoch, and tells the outer loop;
 - a push that arrived corrupted (DATA_LOSS) is sent again, and so is one the coordinator had no
@@ -25,6 +28,7 @@ fails at once. island/shard_link.py joins one link per shard.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +52,63 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 ACTION_KEY = "archipelago-action"
+LOUD_EVERY_S = 60.0  # while no coordinator answers, an ERROR line this often
+
+
+class Presence:
+    """Whether a link has a coordinator, how long it went without one, and how often it got one back
+    (the same one, or another: a failover). Every thread of the link reports what its calls saw."""
+
+    def __init__(self, island_id: str, patience_s: float) -> None:
+        self.island_id = island_id
+        self.patience_s = patience_s
+        self.reconnects = 0  # a coordinator answered again after none did, or another one answered
+        self.switches = 0  # answers came from another address than before (a failover)
+        self._waited_s = 0.0
+        self._away_since: float | None = None
+        self._loud_at = 0.0
+        self._answered_by = ""
+        self._lock = threading.Lock()
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds without a coordinator, the current absence included."""
+        with self._lock:
+            away = 0.0 if self._away_since is None else time.monotonic() - self._away_since
+            return self._waited_s + away
+
+    def failed(self, address: str, what: str) -> bool:
+        """A call found no coordinator at `address`. True when this starts an absence."""
+        with self._lock:
+            now = time.monotonic()
+            if self._away_since is None:
+                self._away_since = self._loud_at = now
+                return True
+            if now - self._loud_at >= LOUD_EVERY_S:
+                self._loud_at = now
+                limit = (f"gives up after {self.patience_s:.0f}s (diloco.reconnect_timeout_s)" if self.patience_s > 0
+                         else "waits as long as it takes (diloco.reconnect_timeout_s = 0)")
+                log.error("island %s: NO COORDINATOR for %.0fs (last tried %s: %s); the island keeps training "
+                          "where it can and %s", self.island_id, now - self._away_since, address, what, limit)
+            return False
+
+    def answered(self, address: str) -> None:
+        """A coordinator at `address` answered (whatever it said)."""
+        with self._lock:
+            back = self._away_since is not None
+            moved = bool(self._answered_by) and address != self._answered_by
+            if back:
+                gone = time.monotonic() - self._away_since
+                self._waited_s += gone
+                self._away_since = None
+                log.warning("island %s: coordinator %s answers after %.1fs without one", self.island_id, address, gone)
+            if back or moved:
+                self.reconnects += 1
+            if moved:
+                self.switches += 1
+                log.warning("island %s: now talking to coordinator %s (was %s)", self.island_id, address,
+                            self._answered_by)
+            self._answered_by = address
 
 
 @dataclass(frozen=True)
@@ -95,9 +156,9 @@ class CoordinatorLink:
         self.events: queue.Queue[pb.Event] = queue.Queue()
         self.lease: pb.Lease | None = None
         self.ttl_s = 10.0
-        self.reconnects = 0
         self.bytes_sent = 0  # push messages on the wire, every attempt (island/telemetry.py)
         self.bytes_received = 0  # pulled θ_b and delta messages on the wire
+        self.presence = Presence(island_id, cfg.reconnect_timeout_s)
         self.config_hash = ""
         self.on_heartbeat: Callable[[pb.HeartbeatReply], None] = lambda reply: None
         self.on_rejoin: Callable[[pb.RegisterReply], None] = lambda reply: None
@@ -106,8 +167,21 @@ class CoordinatorLink:
         self._address_index = 0
         self._old_channels: list[grpc.Channel] = []
         self._threads: list[threading.Thread] = []
-        self.channel = self._open(self.addresses[0])
+        self.address = self.addresses[0]
+        self.channel = self._open(self.address)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    @property
+    def reconnects(self) -> int:
+        return self.presence.reconnects
+
+    @property
+    def coordinator_switches(self) -> int:
+        return self.presence.switches
+
+    @property
+    def coordinator_wait_s(self) -> float:
+        return self.presence.waited_s
 
     # ---- the interface the outer loop uses ------------------------------------------------------
 
@@ -199,29 +273,40 @@ class CoordinatorLink:
         """Run an RPC, retrying with exponential backoff while the coordinator is unreachable
         (trying each address in turn), registering again when the lease is gone, and, with
         `resend`, sending again what arrived corrupted (DATA_LOSS). Not `patient`: an unreachable
-        coordinator raises at once (the next call tries its next address)."""
-        deadline = time.monotonic() + self.cfg.reconnect_timeout_s
+        coordinator raises at once (the next call tries its next address). Retries go on for
+        `reconnect_timeout_s` (0: without end) or until the link is closed."""
+        patience = self.cfg.reconnect_timeout_s
+        deadline = time.monotonic() + patience if patience > 0 else math.inf
         delay = 0.2
         while True:
-            lease, stub = self.lease, self.stub
+            lease, stub, address = self.lease, self.stub, self.address
             try:
-                return fn()
+                result = fn()
             except grpc.RpcError as exc:
+                unreachable = exc.code() in RETRYABLE
+                if unreachable:
+                    first = self.presence.failed(address, f"{exc.code().name}: {exc.details()}")
+                else:
+                    first = True
+                    self.presence.answered(address)
                 if register and _action(exc) == "register" and time.monotonic() < deadline:
                     self.rejoin(lease)
                     continue
                 busy = _action(exc) == "retry"  # at its stream limit, or this push is in flight already
-                retry = busy or exc.code() in RETRYABLE or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
-                if not patient and exc.code() in RETRYABLE and stub is self.stub:
+                retry = busy or unreachable or (resend and exc.code() == grpc.StatusCode.DATA_LOSS)
+                if not patient and unreachable and stub is self.stub:
                     self._next_address()
                 if not retry or not patient or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
-                self.reconnects += not busy
-                log.warning("coordinator call failed (%s: %s); retrying in %.1fs", exc.code(), exc.details(), delay)
-                if exc.code() in RETRYABLE and stub is self.stub:
+                log.log(logging.WARNING if first else logging.DEBUG, "coordinator call failed (%s: %s); retrying "
+                        "in %.1fs", exc.code(), exc.details(), delay)
+                if unreachable and stub is self.stub:
                     self._next_address()
-                time.sleep(delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, self.cfg.retry_max_delay_s)
+            else:
+                self.presence.answered(address)
+                return result
 
     def _register(self) -> pb.RegisterReply:
         reply = self.call(lambda: self.stub.Register(pb.RegisterRequest(
@@ -266,30 +351,38 @@ class CoordinatorLink:
         with self._join_lock:
             self._address_index = (self._address_index + 1) % len(self.addresses)
             self._old_channels.append(self.channel)  # calls in flight on it finish or fail by themselves
-            self.channel = self._open(self.addresses[self._address_index])
+            self.address = self.addresses[self._address_index]
+            self.channel = self._open(self.address)
             self.stub = pb_grpc.CoordinatorStub(self.channel)
-            log.warning("island %s: trying coordinator %s", self.island_id, self.addresses[self._address_index])
+            log.info("island %s: trying coordinator %s", self.island_id, self.address)
 
     # ---- background threads ---------------------------------------------------------------------
 
     def _subscribe(self) -> None:
         lost = False
         while not self._stop.is_set():
-            lease, stub = self.lease, self.stub
+            lease, stub, address = self.lease, self.stub, self.address
             try:
                 stream = stub.Subscribe(pb.SubscribeRequest(lease=lease))
                 if lost:  # whatever happened while the stream was down: the receiver catches up
                     self.events.put(pb.Event(kind=pb.Event.UNKNOWN, message="resync"))
                 for event in stream:
                     lost = False
+                    self.presence.answered(address)
                     self.events.put(event)
                     if event.kind == pb.Event.SHUTDOWN:
                         return
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
+                if exc.code() in RETRYABLE:
+                    first = self.presence.failed(address, f"{exc.code().name}: {exc.details()}")
+                else:
+                    first = True
+                    self.presence.answered(address)
+                log.log(logging.WARNING if first or not lost else logging.DEBUG, "subscription lost (%s); retrying",
+                        exc.code())
                 lost = True
-                log.warning("subscription lost (%s); retrying", exc.code())
                 try:
                     if _action(exc) == "register":
                         self.rejoin(lease)
@@ -301,17 +394,23 @@ class CoordinatorLink:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            lease = self.lease
+            lease, stub, address = self.lease, self.stub, self.address
             try:
-                reply = self.stub.Heartbeat(pb.HeartbeatRequest(lease=lease), timeout=self.ttl_s)
+                reply = stub.Heartbeat(pb.HeartbeatRequest(lease=lease), timeout=self.ttl_s)
             except grpc.RpcError as exc:
-                log.warning("heartbeat failed: %s", exc.code())
+                if exc.code() in RETRYABLE:
+                    first = self.presence.failed(address, f"{exc.code().name}: {exc.details()}")
+                else:
+                    first = True
+                    self.presence.answered(address)
+                log.log(logging.WARNING if first else logging.DEBUG, "heartbeat failed: %s", exc.code())
                 try:
                     if _action(exc) == "register":
                         self.rejoin(lease)
                 except grpc.RpcError as again:
                     log.warning("re-registration failed (%s)", again.code())
                 continue
+            self.presence.answered(address)
             self.on_heartbeat(reply)
 
 

@@ -276,9 +276,13 @@ class DiLoCoClient:
         return self.loss_sum / self.loss_count if self.loss_count else float("nan")
 
     def wait_until(self, done, what: str) -> None:
-        """Merge arrivals until `done()`; raise what a push or the receiver raised; bounded."""
+        """Merge arrivals until `done()`; raise what a push or the receiver raised; bounded by
+        `commit_timeout_s` of time with a coordinator (time without one waits as the link does)."""
+        away = getattr(self.link, "coordinator_wait_s", 0.0)
         deadline = time.monotonic() + self.cfg.commit_timeout_s
         while True:
+            now_away = getattr(self.link, "coordinator_wait_s", 0.0)
+            deadline, away = deadline + (now_away - away), now_away
             self.apply_arrivals()
             for future in [f for f in self.pushes if f.done()]:
                 self.pushes.remove(future)
@@ -490,6 +494,8 @@ class DiLoCoClient:
             pusher.shutdown(wait=False, cancel_futures=True)
         stuck = self.link.close(CLOSE_TIMEOUT_S)
         self.stats.reconnects = getattr(self.link, "reconnects", 0)
+        self.stats.coordinator_switches = getattr(self.link, "coordinator_switches", 0)
+        self.stats.coordinator_wait_s = round(getattr(self.link, "coordinator_wait_s", 0.0), 2)
         self.telemetry.finished()
         if stuck:
             log.warning("island %s: threads %s still running after %.0fs", self.island_id, stuck, CLOSE_TIMEOUT_S)

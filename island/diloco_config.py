@@ -40,7 +40,10 @@ class DiLoCoConfig:
     wait_last_merge: bool = True
     chunk_bytes: int = 1 << 20
     max_message_bytes: int = 8 << 20
-    reconnect_timeout_s: float = 60.0
+    # How long a call waits for a coordinator that does not answer (failover, restart, etcd outage,
+    # cut link) before the island gives up and stops with an error; 0: as long as it takes, saying
+    # so in an ERROR line every minute (docs/design.md, "Failure model").
+    reconnect_timeout_s: float = 0.0
     # Longest wait between two attempts to reach a coordinator that is away (a failover, a restart,
     # a cut link), for the island's retries and for gRPC's own reconnects: the island is back at
     # most about this long after the coordinator is.
@@ -84,6 +87,8 @@ class DiLoCoConfig:
             raise ConfigError(f"diloco.ef_decay must be in (0, 1], got {self.ef_decay}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("diloco.tls_cert and diloco.tls_key go together: give both or neither")
+        if not self.reconnect_timeout_s >= 0:
+            raise ConfigError(f"diloco.reconnect_timeout_s must be >= 0 (0: no limit), got {self.reconnect_timeout_s}")
         if not self.retry_max_delay_s > 0:
             raise ConfigError(f"diloco.retry_max_delay_s must be > 0, got {self.retry_max_delay_s}")
         if not 0 <= self.metrics_port < 65536:

@@ -127,6 +127,15 @@ class ShardedLink:
     def reconnects(self) -> int:
         return sum(link.reconnects for link in self.shards)
 
+    @property
+    def coordinator_switches(self) -> int:
+        return sum(link.coordinator_switches for link in self.shards)
+
+    @property
+    def coordinator_wait_s(self) -> float:
+        """Seconds each shard's link went without its coordinator, summed over shards."""
+        return sum(link.coordinator_wait_s for link in self.shards)
+
     def _remember(self, view: View) -> None:
         with self._lock:
             self._views[(view.timeline, view.version)] = view

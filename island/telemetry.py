@@ -43,7 +43,9 @@ class IslandStats:
     pushes: int = 0
     compute_s: float = 0.0
     blocked_s: float = 0.0
-    reconnects: int = 0
+    reconnects: int = 0  # a coordinator answered again after none did, or another one did (a failover)
+    coordinator_switches: int = 0  # answers came from another coordinator address than before
+    coordinator_wait_s: float = 0.0  # seconds without a coordinator (summed over shards)
     rejoins: int = 0  # registrations after the first (lease lost: coordinator restart, failover)
     skipped_rounds: int = 0  # rounds the coordinator's guard refused
     reloads: int = 0  # full θ_b reloads ordered by a rollback
@@ -62,7 +64,7 @@ COUNTERS: tuple[tuple[str, str, Callable[[Any], float]], ...] = (
      lambda c: getattr(c.link, "bytes_sent", 0)),
     ("archipelago_island_received_bytes", "Bytes received from the coordinator (θ_b and deltas, on the wire)",
      lambda c: getattr(c.link, "bytes_received", 0)),
-    ("archipelago_island_reconnects", "Coordinator calls retried after a failure",
+    ("archipelago_island_reconnects", "Times a coordinator answered again after none did, or another one did",
      lambda c: getattr(c.link, "reconnects", 0)),
     ("archipelago_island_pushes", "Pushes the coordinator acknowledged", lambda c: c.stats.pushes),
     ("archipelago_island_dropped_pushes", "Pushes dropped (too stale, or an abandoned timeline)",

@@ -9,6 +9,8 @@
                          then under a seeded schedule (kill an island, partition a link, kill the
                          coordinator leader, slow an island, corrupt a push), with its goodput
                          against synchronous data parallel under the same trace (sim/goodput.py)
+    --preset etcd        the same with etcd's faults: etcd killed and restarted, etcd down for 90 s,
+                         the leader's link to etcd cut, the leader stopped with SIGTERM
 
 Both write report.json (and logs) under --report.
 """
@@ -32,7 +34,7 @@ from sim.goodput import accounting, dp_goodput, step_seconds
 from sim.island_faults import IslandChaosConfig, IslandFaultInjector, chaos_fields, check_chaos
 from sim.monitor import RunMonitor
 from sim.run import bound_push_tokens, simulate
-from sim.run_faults import RunChaosConfig, handles, load_config, recovery
+from sim.run_faults import FAILOVER_KINDS, RunChaosConfig, handles, load_config, recovery
 from sim.scrape import add_prometheus_argument, metrics_ports
 
 ISLAND_SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
@@ -115,7 +117,7 @@ def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
     restart_s = statistics.median(restarts) if restarts else 0.0
     checkpoint_every_s = cfg.faults.dp_checkpoint_every_s or step_s * cfg.diloco.inner_steps
     dp = dp_goodput(faults, acc["wall_s"], restart_s, checkpoint_every_s)
-    failovers = [f for f in faults if f["kind"] == "kill_coordinator" and f["recovered"]]
+    failovers = [f for f in faults if f["kind"] in FAILOVER_KINDS and f["recovered"]]
     return {
         "preset": preset_label, "islands": cfg.sim.islands, "inner_steps": cfg.diloco.inner_steps,
         "outer_rounds": cfg.diloco.rounds, "fragments": cfg.diloco.fragments, "overlap": cfg.diloco.overlap,
@@ -136,8 +138,22 @@ def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
         "corrupted_segments": sum(s.corrupted for s in chaos["links"]),
         "connections_cut": sum(s.cut_connections for s in chaos["links"]),
         "wan_bytes": sum(s.total for s in chaos["links"]),
+        "island_links": _island_links(out / "chaos", cfg.sim.islands),
         **run_metadata(cfg.train.seed, cfg),
     }
+
+
+def _island_links(folder: Path, islands: int) -> dict[str, dict[str, Any]]:
+    """What each island's last process says of its coordinator link: reconnections, moves between
+    coordinators, re-registrations and seconds without a coordinator."""
+    out = {}
+    for i in range(islands):
+        path = folder / f"island-{i}.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            out[f"island-{i}"] = {k: report.get(k) for k in ("reconnects", "coordinator_switches", "rejoins",
+                                                              "coordinator_wait_s")}
+    return out
 
 
 def targets_met(report: dict[str, Any]) -> dict[str, bool]:

@@ -3,8 +3,9 @@ islands behind link proxies, optionally etcd; and one run of them, with or witho
 
 Islands reach the coordinator through link proxies (sim/wan.py), one per coordinator address. With
 `etcd` on PATH (or `faults.failover = "etcd"`) a local etcd server elects the leader among two
-coordinators sharing one state directory, and islands get both addresses; without it a single
-coordinator is killed and restarted on its sqlite state. Faults (sim/run_faults.py) start once
+coordinators sharing one state directory, each reaching etcd through a link proxy of its own (so
+its link alone can be cut), and islands get both addresses; etcd can be killed and started again on
+its data and ports. Without etcd a single coordinator is killed and restarted on its sqlite state. Faults (sim/run_faults.py) start once
 every island has started training. Afterwards the run waits until the coordinator holds no pending
 push (an island's last push is marked as such, so once the others finished a late one closes its
 round alone) and reads every island's push log and the push keys of every committed version from
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,18 @@ from sim.run_faults import Fault, RunChaosConfig, RunFaultInjector, schedule
 from sim.wan import LinkProxy
 
 START_TIMEOUT_S = 180.0
+DRAIN_BOUND_S = 90.0  # a coordinator given SIGTERM exits within this (its rounds drain for one lease TTL)
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def log_times(path: Path, text: str) -> list[float]:
+    """Wall times of the lines of a process log (`%(asctime)s ...` lines) that contain `text`."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for line in lines if text in line and (m := LOG_TIME.match(line))]
 
 
 class Cluster:
@@ -59,6 +75,8 @@ class Cluster:
         self.finished: dict[str, float] = {}
         self.etcd: subprocess.Popen | None = None
         self.etcd_endpoint = ""
+        self.etcd_ports: tuple[int, int] = (0, 0)  # client, peer: kept across restarts
+        self.etcd_links: dict[int, LinkProxy] = {}  # coordinator port -> its own link to etcd
         self.prefix = f"/archipelago/chaos-{secrets.token_hex(4)}"
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -88,13 +106,15 @@ class Cluster:
                                               seed=self.cfg.train.seed + i).start() for _, port in self.coordinators]
             self._start_island(island, island)
 
-    def _start_etcd(self) -> None:
+    def _start_etcd(self, fresh: bool = True) -> None:
         data = self.out / "etcd"
-        shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        client, peer = free_port(self.host), free_port(self.host)
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir(parents=True)
+            self.etcd_ports = (free_port(self.host), free_port(self.host))
+        client, peer = self.etcd_ports
         self.etcd_endpoint = f"{self.host}:{client}"
-        log = open(data / "etcd.log", "w")
+        log = open(data / "etcd.log", "a")
         self.etcd = subprocess.Popen(
             ["etcd", "--name", "chaos", "--data-dir", str(data / "data"),
              "--listen-client-urls", f"http://{self.etcd_endpoint}", "--advertise-client-urls",
@@ -111,14 +131,14 @@ class Cluster:
                 "--set", f"coordinator.etcd_lease_ttl_s={self.cfg.faults.etcd_lease_ttl_s}",
                 *coordinator_telemetry(self.monitor, name.split("-restart")[0])]
         if self.use_etcd:
-            argv += ["--etcd", self.etcd_endpoint]
+            if port not in self.etcd_links:
+                self.etcd_links[port] = LinkProxy(self.etcd_endpoint, listen_host=self.host).start()
+            argv += ["--etcd", self.etcd_links[port].address]
         self.group.start(name, argv, env={"ARCHIPELAGO_ADMIN_CREDENTIAL": self.credential})
         self.coordinator_starts += 1
 
     def _start_island(self, island: str, name: str) -> None:
         i = list(self.tokens).index(island)
-        self.current[island] = name
-        self.down.discard(island)
         addresses = ",".join(p.address for p in self.proxies[island])
         self.group.start(name, [
             "island", "run", "--preset", str(self.preset_file), "--coordinator", addresses,
@@ -127,6 +147,9 @@ class Cluster:
             "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}",
             *island_telemetry(self.monitor, self.out, island, self.host)],
             env={"ARCHIPELAGO_ISLAND_TOKEN": self.tokens[island]})
+        # only now, with the process known: the main thread's waits look it up by these names
+        self.current[island] = name
+        self.down.discard(island)
 
     def _wait_serving(self, port: int, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
         wait_serving(lambda: self.status(port), self.group.procs[name], name, timeout_s,
@@ -217,9 +240,8 @@ class Cluster:
             pass
         for proc in self.group.procs.values():
             kill_paused_group(proc)  # a paused one must be able to die
-        for links in self.proxies.values():
-            for proxy in links:
-                proxy.stop()
+        for proxy in [p for links in self.proxies.values() for p in links] + list(self.etcd_links.values()):
+            proxy.stop()
 
     def stop_etcd(self) -> None:
         if self.etcd is not None:
@@ -251,11 +273,68 @@ class Cluster:
         (self.coord_dir / "address").unlink(missing_ok=True)
         return "restart"
 
-    def restart_coordinator(self) -> None:
-        name, port = self.coordinators[0]
-        restarted = f"{name}-restart{self.coordinator_starts}"
-        self.coordinators[0] = (restarted, port)
+    def restart_coordinator(self, name: str | None = None, port: int | None = None) -> None:
+        """Start the coordinator `name` on `port` again (by default the first), on the shared state."""
+        i = 0 if name is None else self.coordinators.index((name, port))
+        name, port = self.coordinators[i]
+        restarted = f"{name.split('-restart')[0]}-restart{self.coordinator_starts}"
+        self.coordinators[i] = (restarted, port)
         self._start_coordinator(restarted, port)
+
+    def term_coordinator(self) -> dict[str, Any]:
+        """SIGTERM the leader and wait (bounded) for it to exit; with etcd a standby takes over."""
+        port = self.leader_port()
+        name = next(n for n, p in self.coordinators if p == port)
+        self.version_at_kill = (self.status(port) or {}).get("version", -1)
+        proc = self.group.procs[name]
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=DRAIN_BOUND_S)
+        except subprocess.TimeoutExpired:
+            code = kill_group(proc)
+        if not self.use_etcd:
+            (self.coord_dir / "address").unlink(missing_ok=True)
+        return {"mode": "handover" if self.use_etcd else "restart", "name": name, "port": port, "exit_status": code}
+
+    def kill_etcd(self) -> None:
+        if self.etcd is not None:
+            kill_group(self.etcd)
+
+    def restart_etcd(self, timeout_s: float = START_TIMEOUT_S) -> tuple[float, float]:
+        """Start etcd again on its data and ports; (the start of the last probe that found it down, the
+        end of the first that found it answering), wall clock: it became ready in between."""
+        from coordinator.etcd import EtcdSession
+
+        self._start_etcd(fresh=False)
+        probe = EtcdSession(self.etcd_endpoint, "/probe", ttl_s=0.4)  # reconnects within ~0.1 s
+        try:
+            down_before, deadline = time.time(), time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.etcd.poll() is None:
+                started = time.time()
+                try:
+                    probe.run(probe.client.get(b"/probe"), timeout=1.0)
+                    return down_before, time.time()
+                except Exception:
+                    down_before = started
+                time.sleep(0.05)
+            raise RuntimeError(f"etcd did not answer within {timeout_s}s of its restart")
+        finally:
+            probe.close()
+
+    def wait_leader(self, after: float, timeout_s: float = 60.0) -> float | None:
+        """The wall time a coordinator logged its election after `after`, waiting for it (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            times = [t for name, _ in self.coordinators for t in log_times(self.out / f"{name}.log", "elected leader")
+                     if t > after]
+            if times or time.monotonic() > deadline:
+                return min(times) if times else None
+            time.sleep(0.1)
+
+    def leader_etcd_link(self) -> tuple[LinkProxy, str]:
+        """The leading coordinator's own link to etcd, and its name."""
+        port = self.leader_port()
+        return self.etcd_links[port], next(n for n, p in self.coordinators if p == port)
 
 
 def injected(faults: list[Fault]) -> list[str]:

@@ -20,7 +20,9 @@ one all-reduce per step, stops as a whole whenever any worker, its link or the j
 every failure in the trace (a killed island, a killed coordinator standing for the job's master, a
 partition, a corrupted all-reduce payload that fails its checksum) stalls every worker until the
 job restarts from its last checkpoint, which loses the steps since that checkpoint and costs the
-restart time (measured here: the time from killing an island to its replacement's first step). A
+restart time (measured here: the time from killing an island to its replacement's first step); a
+SIGTERM of the coordinator counts as such a failure too, while etcd faults do not stop a running
+data-parallel job (its rendezvous store matters only when it restarts) and count for nothing. A
 partition stalls the job for its duration before the restart. A 5× straggler sets the pace of every
 worker while it is slow. Checkpoints are taken every `checkpoint_every_s` of progress (by default
 one outer round's worth of steps, the cadence at which the coordinator makes its state durable),
@@ -33,7 +35,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from sim.run_faults import SLOW_FACTOR, RunChaosConfig, start_after
+from sim.run_faults import ETCD_KINDS, SLOW_FACTOR, RunChaosConfig, start_after
 
 
 def accounting(run: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +104,7 @@ def dp_goodput(faults: list[dict[str, Any]], wall_s: float, restart_s: float,
     """
     events: list[tuple[float, str, float]] = []  # (time, kind, duration)
     for f in faults:
-        if f["injected_at_s"] is None:
+        if f["injected_at_s"] is None or f["kind"] in ETCD_KINDS:
             continue
         if f["kind"] == "slow":
             events.append((f["injected_at_s"], "slow", f["duration_s"]))

@@ -12,7 +12,15 @@ The schedule and what actually happened (injection and recovery times) go into t
     partition         cut an island's link (resets, refused connections) for `duration_s`
     slow              slow an island 5×: SIGSTOP/SIGCONT, running 1 of every 5 periods, for `duration_s`
     corrupt           flip a byte of the next large segment an island's link carries up (a push)
+    kill_etcd         SIGKILL etcd; start it again on its data `etcd_restart_after_s` later
+    etcd_outage       the same, for `etcd_outage_s` (90 s: longer than an island's former 60 s patience)
+    cut_leader_etcd   drop everything on the leading coordinator's own link to etcd for `etcd_cut_s`
+                      (islands still reach it): it must stop at its lease deadline, a standby take over
+    term_coordinator  SIGTERM the leading coordinator: it hands over (etcd) and exits 0, and is started
+                      again `restart_after_s` later (as a standby, or on its state without etcd)
 
+A `*_at` below 0 leaves that kind out of the schedule; the etcd kinds are out by default (the `ci`
+run schedules the first five) and need `failover` etcd.
 The processes and links they act on are sim/chaos_cluster.py's `Cluster`; the faults inside one
 island (a rank of a replica group) are sim/island_faults.py's.
 """
@@ -36,7 +44,11 @@ from sim.run import SimConfig
 if TYPE_CHECKING:
     from sim.chaos_cluster import Cluster
 
-KINDS = ("kill_island", "partition", "kill_coordinator", "slow", "corrupt")
+KINDS = ("kill_island", "partition", "kill_coordinator", "slow", "corrupt", "kill_etcd", "etcd_outage",
+         "cut_leader_etcd", "term_coordinator")
+ETCD_KINDS = ("kill_etcd", "etcd_outage", "cut_leader_etcd")
+# kinds after which another coordinator leads (with etcd) or the coordinator came back on its state
+FAILOVER_KINDS = ("kill_coordinator", "cut_leader_etcd", "term_coordinator")
 SLOW_FACTOR = 5
 
 
@@ -49,11 +61,20 @@ class FaultsSection:
     kill_coordinator_at: float = 0.45
     slow_at: float = 0.55
     corrupt_at: float = 0.75
+    # etcd and a clean stop of the leader: off unless a preset schedules them (a negative `*_at`
+    # leaves any kind out)
+    kill_etcd_at: float = -1.0
+    etcd_outage_at: float = -1.0
+    cut_leader_etcd_at: float = -1.0
+    term_coordinator_at: float = -1.0
     jitter: float = 0.03  # ± this fraction, drawn with the seed
     restart_after_s: float = 1.0  # a killed island (or, without etcd, coordinator) comes back after
     partition_s: float = 4.0
     slow_fraction: float = 0.12  # the slow window, as a fraction of the expected run time
     slow_period_s: float = 0.5  # SIGSTOP/SIGCONT period; the island runs 1/5 of it
+    etcd_restart_after_s: float = 5.0  # kill_etcd: down this long
+    etcd_outage_s: float = 90.0  # etcd_outage: down this long
+    etcd_cut_s: float = 8.0  # cut_leader_etcd: the leader's link to etcd drops everything this long
     failover: str = "auto"  # auto (etcd if on PATH) | etcd | restart
     etcd_lease_ttl_s: int = 2
     dp_checkpoint_every_s: float = 0.0  # 0: one outer round of steps (measured)
@@ -79,11 +100,18 @@ def schedule(cfg: FaultsSection, seed: int, islands: int, expected_s: float) -> 
 
     picks = rng.sample(range(islands), k=min(islands, 3))
     kill, cut, slow = (f"island-{picks[i % len(picks)]}" for i in range(3))
-    faults = [Fault("kill_island", when(cfg.kill_island_at), kill, cfg.restart_after_s),
-              Fault("partition", when(cfg.partition_at), cut, cfg.partition_s),
-              Fault("kill_coordinator", when(cfg.kill_coordinator_at), "coordinator", cfg.restart_after_s),
-              Fault("slow", when(cfg.slow_at), slow, round(cfg.slow_fraction * expected_s, 2)),
-              Fault("corrupt", when(cfg.corrupt_at), kill)]
+    plan = [("kill_island", cfg.kill_island_at, kill, cfg.restart_after_s),
+            ("partition", cfg.partition_at, cut, cfg.partition_s),
+            ("kill_coordinator", cfg.kill_coordinator_at, "coordinator", cfg.restart_after_s),
+            ("slow", cfg.slow_at, slow, round(cfg.slow_fraction * expected_s, 2)),
+            ("corrupt", cfg.corrupt_at, kill, 0.0),
+            ("kill_etcd", cfg.kill_etcd_at, "etcd", cfg.etcd_restart_after_s),
+            ("etcd_outage", cfg.etcd_outage_at, "etcd", cfg.etcd_outage_s),
+            ("cut_leader_etcd", cfg.cut_leader_etcd_at, "coordinator", cfg.etcd_cut_s),
+            ("term_coordinator", cfg.term_coordinator_at, "coordinator", cfg.restart_after_s)]
+    # every kind draws its jitter, scheduled or not, so adding one leaves the others' times as they were
+    faults = [Fault(kind, at, target, duration) for kind, fraction, target, duration in plan
+              for at in [when(fraction)] if fraction >= 0]
     return sorted(faults, key=lambda f: f.at_s)
 
 
@@ -91,8 +119,11 @@ class RunFaultInjector:
     """Runs a schedule against a cluster on a background thread.
 
     `cluster` provides: kill_island(name), restart_island(name), kill_coordinator() -> str (what
-    happened: "failover" or "restart"), restart_coordinator(), links(name) -> list of LinkProxy,
-    island_pid(name), and `done` (a threading.Event set when the run is over).
+    happened: "failover" or "restart"), restart_coordinator(name=None, port=None), links(name) -> list
+    of LinkProxy, island_pid(name), and `done` (a threading.Event set when the run is over); for the
+    etcd kinds also kill_etcd(), restart_etcd() -> (last probe down, first probe answered),
+    wait_leader(after, timeout_s) -> the time a coordinator was elected, leader_etcd_link() ->
+    (LinkProxy, name), term_coordinator() -> {"mode", "name", "port", "exit_status"}.
     """
 
     def __init__(self, faults: list[Fault], cluster: Any, t0: float, cfg: FaultsSection) -> None:
@@ -150,6 +181,35 @@ class RunFaultInjector:
             for link in c.links(fault.target):
                 link.partition(False)
             fault.detail["to"] = time.time()
+        elif fault.kind in ("kill_etcd", "etcd_outage"):
+            fault.detail["killed_at"] = time.time()
+            c.kill_etcd()
+            if self.cluster.done.wait(fault.duration_s):  # the islands finished: no point in waiting
+                fault.detail["cut_short_at_s"] = round(time.time() - fault.detail["killed_at"], 2)
+            down_before, ready_at = c.restart_etcd()
+            fault.detail.update(down_before=down_before, ready_at=ready_at)
+            elected = c.wait_leader(after=down_before)
+            if elected is not None:
+                fault.detail["elected_after_ready_s"] = round(elected - down_before, 2)
+        elif fault.kind == "cut_leader_etcd":
+            link, fault.detail["leader"] = c.leader_etcd_link()
+            fault.detail["from"] = time.time()
+            link.partition(True, drop=True)
+            elected = c.wait_leader(after=fault.detail["from"], timeout_s=fault.duration_s)
+            if elected is not None:
+                fault.detail["takeover_s"] = round(elected - fault.detail["from"], 2)
+            time.sleep(max(0.0, fault.detail["from"] + fault.duration_s - time.time()))
+            link.partition(False)
+            fault.detail["to"] = time.time()
+        elif fault.kind == "term_coordinator":
+            fault.detail["signalled_at"] = time.time()
+            fault.detail.update(c.term_coordinator())
+            if fault.detail["mode"] == "handover":
+                elected = c.wait_leader(after=fault.detail["signalled_at"])
+                if elected is not None:
+                    fault.detail["takeover_s"] = round(elected - fault.detail["signalled_at"], 2)
+            time.sleep(fault.duration_s)
+            c.restart_coordinator(fault.detail["name"], fault.detail["port"])
         elif fault.kind == "slow":
             self._slow(fault)
         elif fault.kind == "corrupt":
@@ -195,6 +255,11 @@ class RunChaosConfig(SimConfig):
             raise ConfigError("faults.failover = etcd needs an etcd binary on PATH (apt-get install etcd-server)")
         if self.sim.islands < 3:
             raise ConfigError(f"the chaos run needs sim.islands >= 3 (got {self.sim.islands})")
+        etcd_faults = [k for k in ETCD_KINDS if getattr(self.faults, f"{k}_at") >= 0]
+        if etcd_faults and (self.faults.failover == "restart"
+                            or (self.faults.failover == "auto" and shutil.which("etcd") is None)):
+            raise ConfigError(f"faults {etcd_faults} act on etcd: they need faults.failover = etcd (or auto with "
+                              "an etcd binary on PATH)")
 
 
 def handles(preset: str) -> bool:
@@ -241,6 +306,18 @@ def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
             later = [v for v, row in run["versions"] if row["info"]["time"] > f["detail"]["killed_at"]]
             f["detail"]["versions_after"] = len(later)
             f["recovered"] = bool(later) and min(later) > (f["detail"]["version_at_kill"] or 0)
+        elif f["kind"] in ("kill_etcd", "etcd_outage"):
+            ready = f["detail"].get("ready_at")
+            f["detail"]["versions_after"] = len([v for v, row in run["versions"]
+                                                 if ready is not None and row["info"]["time"] > ready])
+            elected = f["detail"].get("elected_after_ready_s") is not None
+            f["recovered"] = elected and (f["detail"]["versions_after"] > 0 or _all_done(run))
+        elif f["kind"] in ("cut_leader_etcd", "term_coordinator"):
+            at = f["detail"].get("from", f["detail"].get("signalled_at", 0.0))
+            f["detail"]["versions_after"] = len([v for v, row in run["versions"] if row["info"]["time"] > at])
+            handed_over = (f["detail"].get("takeover_s") is not None if f["kind"] == "cut_leader_etcd"
+                           else f["detail"].get("exit_status") == 0)
+            f["recovered"] = handed_over and (f["detail"]["versions_after"] > 0 or _all_done(run))
         elif f["kind"] == "partition":
             f["recovered"] = pushed_after(f["detail"]["to"]) or f["target"] in run["finished"]
         elif f["kind"] == "slow":
@@ -255,6 +332,10 @@ def recovery(run: dict[str, Any]) -> list[dict[str, Any]]:
             f["recovered"] = corrupted > 0 and refused > 0 and pushed_after(f["detail"]["armed_at"])
         out.append(f)
     return out
+
+
+def _all_done(run: dict[str, Any]) -> bool:
+    return len(run["finished"]) == len(run["acks"])
 
 
 def _pushed_after(acks: list[dict[str, Any]]):

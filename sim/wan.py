@@ -120,6 +120,7 @@ class LinkProxy:
         self._thread = threading.Thread(target=self._run, name=f"link->{target}", daemon=True)
         self._t0 = time.monotonic()
         self._partitioned = False
+        self._dropping = False  # a partition that drops bytes instead of resetting (see `partition`)
         self._corrupt = 0  # segments still to corrupt
         self._corrupt_min = 4096
         self._writers: set[asyncio.StreamWriter] = set()
@@ -145,10 +146,15 @@ class LinkProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
 
-    def partition(self, on: bool) -> None:
-        """Cut the link (reset its connections, refuse new ones) or restore it."""
+    def partition(self, on: bool, drop: bool = False) -> None:
+        """Cut the link or restore it. By default a cut resets its connections and refuses new ones;
+        with `drop` nothing is closed: bytes stop flowing both ways and new connections lead nowhere,
+        as on a path that drops every packet (the peers notice only by their own timeouts). Restoring
+        a dropped link resets what it held, so the peers reconnect."""
+        reset = (on and not drop) or (not on and self._dropping)
+        self._dropping = on and drop
         self._partitioned = on
-        if on and self._loop is not None:
+        if reset and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cut)
 
     def _cut(self) -> None:
@@ -174,7 +180,16 @@ class LinkProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._partitioned:
             self.stats.cut_connections += 1
-            writer.transport.abort()
+            if not self._dropping:
+                writer.transport.abort()
+                return
+            self._writers.add(writer)  # held, silent, until the link is restored
+            try:
+                while await reader.read(1 << 16):
+                    pass
+            except (ConnectionError, OSError):
+                pass
+            self._writers.discard(writer)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -190,6 +205,8 @@ class LinkProxy:
         if self.wan is None:
             try:
                 while data := await reader.read(1 << 16):
+                    if self._dropping:
+                        continue
                     self.stats.add(len(data), up, self._t0)
                     writer.write(self._tamper(data, up))
                     await writer.drain()
@@ -204,6 +221,8 @@ class LinkProxy:
         free_at = last = 0.0
         try:
             while data := await reader.read(segment):
+                if self._dropping:
+                    continue
                 now = time.monotonic()
                 free_at = max(now, free_at) + len(data) * 8 / self.wan.rate_bps
                 at = free_at + self.wan.latency_s + self.rng.uniform(0, self.wan.jitter_s)

@@ -115,3 +115,35 @@ def test_the_link_flips_a_byte_going_up_and_a_partition_cuts_it():
     finally:
         proxy.stop()
         srv.close()
+
+
+def test_a_dropping_partition_goes_silent_without_closing_anything():
+    """The cut of the leader's link to etcd (`cut_leader_etcd`): bytes vanish both ways, connections
+    stay open (a peer notices only by its own timeout); restored, the held connections are reset."""
+    srv, port = echo_server()
+    proxy = LinkProxy(f"127.0.0.1:{port}").start()
+    try:
+        host, port = proxy.address.rsplit(":", 1)
+        held = socket.create_connection((host, int(port)), timeout=5)
+        held.sendall(b"before")
+        assert held.recv(16) == b"before"
+        proxy.partition(True, drop=True)
+        time.sleep(0.1)
+        fresh = socket.create_connection((host, int(port)), timeout=5)  # accepted, leads nowhere
+        for sock in (held, fresh):
+            sock.settimeout(0.5)
+            sock.sendall(b"lost")
+            with pytest.raises(TimeoutError):  # silence, neither an answer nor a close
+                sock.recv(16)
+        proxy.partition(False)
+        for sock in (held, fresh):
+            sock.settimeout(5)
+            try:
+                assert sock.recv(16) == b""  # closed by the restore: the peer reconnects
+            except ConnectionResetError:
+                pass
+            sock.close()
+        round_trip(proxy, b"back")
+    finally:
+        proxy.stop()
+        srv.close()
