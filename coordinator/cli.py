@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import grpc
@@ -93,13 +94,27 @@ def main(argv: list[str]) -> int:
             asyncio.run(serve(cfg, init))
         except LostLeadership as exc:
             console.print(f"[red]coordinator stopped: it no longer leads the run ({exc})")
-            return 3
-        return 0
+            return exit_now(3)
+        return exit_now(0)
     if args.action == "certs":
         return certs(args)
     if args.action == "rollback":
         return rollback(args)
     return status(args)
+
+
+def exit_now(code: int) -> int:
+    """Return ``code``, or, while a background kernel compile still runs (the codec's, started at the
+    coordinator's start, protos/quant.py), end the process with it at once: an interpreter that
+    shuts down under a thread inside the compiler aborts (SIGABRT) instead of exiting cleanly."""
+    from protos.quant import wait_background
+
+    if wait_background(timeout_s=2.0):
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rollback(args) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from protos.sparse import ChunkTopK
 __all__ = ["COMPILE_ENV", "DEFAULT_BLOCK", "SCHEMES", "Bf16", "BlockBatch", "CodecError",
            "Fp8Block", "Fp32", "Int2Block", "Int4Block", "Int8Block", "Kernel", "PartSpec", "Parts", "Scheme",
            "ChunkTopK", "TopKInt8", "_BlockScheme", "_IntBlock", "compile_in_background", "compile_mode", "get_scheme",
-           "kernel_states"]
+           "kernel_states", "wait_background"]
 
 
 class TopKInt8(Scheme):
@@ -139,7 +140,7 @@ def get_scheme(name: str) -> Scheme:
         return SCHEMES[name]
     except (KeyError, TypeError):
         pass
-    if name in _SPARSE:
+    if isinstance(name, str) and name in _SPARSE:
         return _SPARSE[name]
     scheme = sparse.parse(name)
     if scheme is None:
@@ -166,6 +167,14 @@ def compile_in_background(name: str, kinds: tuple[str, ...] = MERGE_KERNELS) -> 
     thread = threading.Thread(target=scheme.compile_kernels, args=(kinds,), name=f"compile-{name}", daemon=True)
     _BACKGROUND[name] = thread
     thread.start()
+
+
+def wait_background(timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for the background compiles to end; True when none is left running."""
+    deadline = time.monotonic() + timeout_s
+    for thread in list(_BACKGROUND.values()):
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in _BACKGROUND.values())
 
 
 def kernel_states() -> dict[str, dict[str, object]]:
