@@ -27,7 +27,7 @@ from island.job import write_initial_model
 from sim.goodput import accounting
 from sim.run import ProcessGroup, SimConfig
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS
-from tests.coordinator.processes import admin_status
+from tests.coordinator.processes import admin_status, wait_for
 
 START_TIMEOUT_S = 30.0
 
@@ -214,19 +214,8 @@ class EtcdRun:
 
     def wait(self, predicate, what: str, watch: tuple[str, ...], timeout_s: float) -> Any:
         """Poll `predicate` until it returns something true; fail early if a watched process exited
-        (an island with any status, a coordinator with a nonzero one)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for name in watch:
-                code = self.group.procs[name].poll()
-                if code is not None and (code != 0 or name not in self.ISLANDS):
-                    raise RuntimeError(f"{name} exited with {code}:\n{self.group.tail(name, 40)}")
-            answer = predicate()
-            if answer:
-                return answer
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} within {timeout_s}s")
-            time.sleep(0.05)
+        (an island with any nonzero status, a coordinator with any)."""
+        return wait_for(self.group, predicate, what, watch, timeout_s, may_end=self.ISLANDS)
 
     def version(self) -> int:
         """The version of whichever coordinator serves (-1: none)."""

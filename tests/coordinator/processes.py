@@ -4,6 +4,8 @@ processes on fixed loopback ports, started and killed by PID through `sim.run.Pr
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,21 @@ def harness_for(files: RunFiles, cfg: Any, port: int) -> CoordinatorHarness:
     harness = CoordinatorHarness(cfg, files)
     harness.address = f"127.0.0.1:{port}"
     return harness
+
+
+def wait_for(group: ProcessGroup, predicate: Callable[[], Any], what: str, watch: tuple[str, ...],
+             timeout_s: float, may_end: tuple[str, ...] = (), poll_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something true (and return that); fail early if a watched
+    process exited: with any status, or with a nonzero one for those in ``may_end``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for name in watch:
+            code = group.procs[name].poll()
+            if code is not None and (code != 0 or name not in may_end):
+                raise RuntimeError(f"{name} exited with {code}:\n{group.tail(name, 40)}")
+        answer = predicate()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s}s")
+        time.sleep(poll_s)

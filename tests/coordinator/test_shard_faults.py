@@ -36,7 +36,7 @@ from protos import archipelago_pb2_grpc as pb_grpc
 from sim.goodput import accounting
 from sim.run import ProcessGroup, SimConfig
 from tests.coordinator.conftest import ADMIN_CREDENTIAL, SMALL, TOKENS
-from tests.coordinator.processes import admin_status
+from tests.coordinator.processes import admin_status, wait_for
 
 ROUNDS, H = 8, 20
 RUN_TIMEOUT_S = 420.0
@@ -87,18 +87,7 @@ class ShardedRun:
 
     def wait(self, predicate, what: str, watch: tuple[str, ...], timeout_s: float = RUN_TIMEOUT_S) -> Any:
         """Poll `predicate` until it returns something true; fail early if a watched process died."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for name in watch:
-                code = self.group.procs[name].poll()
-                if code not in (None, 0):
-                    raise RuntimeError(f"{name} exited with {code}:\n{self.group.tail(name, 40)}")
-            answer = predicate()
-            if answer:
-                return answer
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} within {timeout_s}s")
-            time.sleep(0.1)
+        return wait_for(self.group, predicate, what, watch, timeout_s, may_end=watch, poll_s=0.1)
 
     def islands_done(self) -> dict[str, float]:
         """Block until both islands exited 0 (bounded); their end times."""
