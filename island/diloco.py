@@ -149,10 +149,9 @@ class DiLoCoClient:
         self.ack_log.write({"event": "start", "epoch": self.epoch, "round": start, "version": self.version})
         try:
             for round_ in range(start, self.cfg.rounds):
-                per_fragment = self.cfg.steps_in_round(round_) // self.cfg.fragments
                 local_loss = None
-                for fragment in order:
-                    self.steps.train(self, per_fragment, fragment)
+                for fragment, steps in zip(order, self.cfg.fragment_steps(round_), strict=True):
+                    self.steps.train(self, steps, fragment)
                     if fragment == order[-1]:
                         local_loss = self.maybe_evaluate_local()
                     self.sync(fragment, last=round_ == self.cfg.rounds - 1)

@@ -16,7 +16,7 @@ from protos.quant import CodecError, get_scheme
 @dataclass
 class DiLoCoConfig:
     inner_steps: int = 50  # H
-    fragments: int = 1  # F: streaming DiLoCo syncs fragment f at inner-step offset f·H/F
+    fragments: int = 1  # F: streaming DiLoCo syncs fragment f at inner-step offset ⌊f·H/F⌋
     codec: str = "int8-block"  # a registered scheme, or sparse-{k}of{chunk}-{bits}bit (protos/sparse.py)
     # Error feedback's decay β: the island sends Q(Δ + β·e) and keeps e ← Δ + β·e − what it sent.
     # 1: classic error feedback; SparseLoCo (arXiv 2508.15706) uses 0.95 with its sparse codec.
@@ -68,17 +68,17 @@ class DiLoCoConfig:
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.fragments < 1 or self.rounds < 1:
             raise ConfigError("diloco.inner_steps, diloco.fragments and diloco.rounds must be >= 1")
-        if self.inner_steps % self.fragments:
-            raise ConfigError(f"diloco.inner_steps ({self.inner_steps}) must be a multiple of "
-                              f"diloco.fragments ({self.fragments})")
+        if self.inner_steps < self.fragments:
+            raise ConfigError(f"diloco.inner_steps ({self.inner_steps}) must give every one of the "
+                              f"diloco.fragments ({self.fragments}) at least one inner step")
         if self.round_steps:
             if len(self.round_steps) != self.rounds:
                 raise ConfigError(f"diloco.round_steps has {len(self.round_steps)} entries, diloco.rounds "
                                   f"is {self.rounds}")
-            bad = [s for s in self.round_steps if s < 1 or s % self.fragments]
+            bad = [s for s in self.round_steps if s < self.fragments]
             if bad:
-                raise ConfigError(f"diloco.round_steps entries must be positive multiples of "
-                                  f"diloco.fragments ({self.fragments}), got {bad}")
+                raise ConfigError(f"diloco.round_steps entries must give every one of the diloco.fragments "
+                                  f"({self.fragments}) at least one inner step, got {bad}")
         try:
             get_scheme(self.codec)
         except CodecError as exc:
@@ -97,6 +97,13 @@ class DiLoCoConfig:
     def steps_in_round(self, round_: int) -> int:
         """Inner steps of (0-based) outer round `round_`."""
         return self.round_steps[round_] if self.round_steps else self.inner_steps
+
+    def fragment_steps(self, round_: int) -> list[int]:
+        """The inner steps before each of the round's F syncs, in the order they happen: the round's
+        steps split as evenly as the division allows, sync i after step ⌊(i+1)·H/F⌋ of the round
+        (H = 50, F = 4: 12, 13, 12, 13)."""
+        h, f = self.steps_in_round(round_), self.fragments
+        return [(i + 1) * h // f - i * h // f for i in range(f)]
 
     @property
     def total_steps(self) -> int:

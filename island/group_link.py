@@ -40,9 +40,8 @@ def sync_points(cfg: DiLoCoConfig) -> list[int]:
     """The inner step after which each sync happens, in order (as `DiLoCoClient.run` visits them)."""
     points, step = [], 0
     for round_ in range(cfg.rounds):
-        per_fragment = cfg.steps_in_round(round_) // cfg.fragments
-        for _ in range(cfg.fragments):
-            step += per_fragment
+        for steps in cfg.fragment_steps(round_):
+            step += steps
             points.append(step)
     return points
 

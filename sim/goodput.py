@@ -147,5 +147,5 @@ def dp_goodput(faults: list[dict[str, Any]], wall_s: float, restart_s: float,
 def step_seconds(run: dict[str, Any], cfg: RunChaosConfig) -> float:
     """Measured seconds of one inner step in the fault-free run (compute only)."""
     pushes = [a for acks in run["acks"].values() for a in acks if a["event"] == "push" and a["compute_s"] > 0]
-    steps = cfg.diloco.inner_steps // cfg.diloco.fragments
+    steps = cfg.diloco.inner_steps / cfg.diloco.fragments  # a push's steps, on average
     return statistics.median(a["compute_s"] for a in pushes) / steps if pushes else 0.0

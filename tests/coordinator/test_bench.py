@@ -48,6 +48,7 @@ def test_a_small_run_writes_every_field(tmp_path, capsys):
     assert {"archipelago", "torch"} <= set(report["versions"])
     assert "rounds / s" in capsys.readouterr().out
     assert "version 3" in (tmp_path / "work" / "coordinator.log").read_text()  # the coordinator's own log
+    assert not (tmp_path / "work" / "coordinator").exists()  # its state (spilled pushes) is not left behind
 
 
 def test_the_default_size_is_the_tiny_presets_model():

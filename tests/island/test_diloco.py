@@ -219,3 +219,12 @@ def test_push_outcomes(outcome: str, pushes: int, dropped: int, rollback: bool) 
         assert (pb.Event.ROLLBACK in events) == rollback
     finally:
         client.close()
+
+
+def test_a_round_is_split_over_its_fragments_as_evenly_as_it_divides():
+    from island.diloco_config import DiLoCoConfig
+
+    assert DiLoCoConfig(inner_steps=50, fragments=4).fragment_steps(0) == [12, 13, 12, 13]
+    assert DiLoCoConfig(inner_steps=48, fragments=4).fragment_steps(0) == [12] * 4
+    uneven = DiLoCoConfig(inner_steps=50, fragments=3, rounds=2, round_steps=[7, 50])
+    assert uneven.fragment_steps(0) == [2, 2, 3] and sum(uneven.fragment_steps(1)) == 50

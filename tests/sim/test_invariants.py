@@ -147,7 +147,7 @@ def test_a_sparse_broadcast_of_an_update_that_is_not_sparse_is_refused(sim_confi
 
 @pytest.mark.parametrize("bad,match", [("sim.islands=0", "sim.islands"),
                                        ("diloco.codec=gzip", "diloco.codec"),
-                                       ("diloco.inner_steps=5", "multiple of"),
+                                       ("diloco.inner_steps=1", "at least one inner step"),
                                        ("diloco.retry_max_delay_s=0", "diloco.retry_max_delay_s"),
                                        ("data.vocab_size=512", "data.vocab_size")])
 def test_sim_config_errors_name_the_field(sim_config, bad, match):
