@@ -28,7 +28,7 @@ from coordinator.admission import BadPseudoGradient, Busy
 from coordinator.guard import first_non_finite
 from coordinator.spool import read_payload
 from protos.broadcast import l2_norm
-from protos.codec import CodecError, Payload, TensorSpec, check_payload, decode, raw_reader
+from protos.codec import CodecError, TensorSpec, check_payload, decode, raw_reader
 from protos.framing import FramingError
 from protos.quant import Fp8Block, _BlockScheme
 
@@ -159,10 +159,6 @@ def check_body(path: Path, specs: list[TensorSpec], max_update_norm: float) -> N
     except CodecError as exc:
         raise BadPseudoGradient(f"payload refused: {exc}") from exc
 
-
-def payload_of(path: Path) -> Payload:
-    """A spilled push as the merge reads it (verified when it arrived)."""
-    return read_payload(path, verify_sha256=False)
 
 
 class PushStreams:

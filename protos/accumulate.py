@@ -16,6 +16,7 @@ key order, docs/design.md step 7).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,9 +35,9 @@ class WeightedSum:
         total = 0
         for spec in self.specs:
             self.starts.append(total)
-            total += -(-_numel(spec) // unit) * unit
+            total += -(-math.prod(spec.shape) // unit) * unit
         self.flat = torch.zeros(total, dtype=torch.float32)
-        self.tensors = {s.name: self.flat[a:a + _numel(s)].view(s.shape) for s, a in zip(self.specs, self.starts,
+        self.tensors = {s.name: self.flat[a:a + math.prod(s.shape)].view(s.shape) for s, a in zip(self.specs, self.starts,
                                                                                       strict=True)}
         self._index = {s.name: i for i, s in enumerate(self.specs)}
         self.weight = 0.0
@@ -82,11 +83,4 @@ class WeightedSum:
         """S / Σ w, each tensor in its shape (views of one new buffer)."""
         assert self.weight > 0, "the mean of nothing (or of zero weight)"
         flat = self.flat / self.weight
-        return {s.name: flat[a:a + _numel(s)].view(s.shape) for s, a in zip(self.specs, self.starts, strict=True)}
-
-
-def _numel(spec: TensorSpec) -> int:
-    n = 1
-    for d in spec.shape:
-        n *= d
-    return n
+        return {s.name: flat[a:a + math.prod(s.shape)].view(s.shape) for s, a in zip(self.specs, self.starts, strict=True)}
