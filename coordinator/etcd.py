@@ -334,6 +334,8 @@ class EtcdKV:
         try:
             return self.session.run(coro, timeout=timeout)
         except TimeoutError as exc:
+            if self.election is not None:
+                self.election.check()  # the deadline passed during the call: say so as the watcher would
             raise EtcdUnreachable(f"etcd {self.session.endpoint} did not answer within {timeout:.1f}s"
                                   + (" (the leader lease's deadline)" if timeout < CALL_TIMEOUT_S else "")) from exc
         except Fenced:

@@ -296,7 +296,7 @@ def test_status_of_a_leader_whose_etcd_is_down_is_its_own_view(run_files, tmp_pa
     etcd.start()
     port = procs.free_port()
     group = ProcessGroup(tmp_path)
-    ttl = 10  # the leader leads on for up to this long without etcd
+    ttl = 30  # the leader leads on for up to this long without etcd (room for two CLI starts on a busy host)
     env = {**os.environ, "ARCHIPELAGO_ADMIN_CREDENTIAL": ADMIN_CREDENTIAL}
     cli = [sys.executable, "-m", "archipelago.cli", "coordinator", "status", "--address", f"127.0.0.1:{port}"]
     try:

@@ -21,8 +21,9 @@ def test_round_steps_are_checked_and_summed():
     assert DiLoCoConfig(inner_steps=5, rounds=2).total_steps == 10
     with pytest.raises(ConfigError, match="round_steps has 2 entries"):
         DiLoCoConfig(rounds=3, round_steps=[1, 2])
-    with pytest.raises(ConfigError, match="multiples of diloco.fragments"):
-        DiLoCoConfig(inner_steps=4, fragments=2, rounds=2, round_steps=[2, 3])
+    assert DiLoCoConfig(inner_steps=4, fragments=2, rounds=2, round_steps=[2, 3]).fragment_steps(1) == [1, 2]
+    with pytest.raises(ConfigError, match="at least one inner step"):
+        DiLoCoConfig(inner_steps=4, fragments=2, rounds=2, round_steps=[2, 1])
 
 
 def test_a_warm_started_run_uses_its_round_steps_and_both_runs_start_from_the_checkpoint(tmp_path, data_cache):
