@@ -22,7 +22,10 @@ Rounds per second count the measured rounds (after ``--warmup``) over their tota
 The measured rounds start once the coordinator's codec kernels for the scheme are compiled (it
 compiles them on a background thread when it first sees the scheme; `codec_kernels` in the JSON).
 `rss_MB` is the coordinator process's resident memory after each round (from /proc), and
-`rss_growth_last_100` its relative growth over the last 100 rounds (over all of them if fewer).
+`rss_growth_last_100` its growth over the last 100 rounds (over all of them if fewer) as the
+least-squares line through them says it, relative to their mean: the allocator hands memory back
+and takes it again in steps of a few percent, so the last round over the first
+(`rss_growth_last_100_endpoints`, also written) is one noisy draw.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from protos.quant import CodecError, get_scheme
 TINY_PARAMS = 2_361_280  # elements DiLoCo syncs for configs/tiny.toml's model (a test keeps this true)
 TENSOR_NUMEL = 1 << 18  # the synthetic model's tensors: this many elements each, the last one shorter
 START_TIMEOUT_S = 120.0
+HISTORY_EVERY = 25  # rounds between reads of the coordinators' history (their status lists the newest 50)
 
 
 @dataclass
@@ -272,6 +276,7 @@ async def drive(bench: BenchConfig, cfg: CoordinatorConfig, addresses: list[str]
         version = max(v for vs in versions for v in vs)  # every shard starts fresh: the same version
         listeners = [asyncio.create_task(islands[0].committed(s, events)) for s in range(shards)]
         total = bench.warmup + bench.rounds
+        histories: list[dict[int, dict[str, Any]]] = [{} for _ in coordinators]
         with progress() as bar:
             task = bar.add_task(f"{bench.islands} islands", total=total, info="")
             for r in range(total):
@@ -300,13 +305,24 @@ async def drive(bench: BenchConfig, cfg: CoordinatorConfig, addresses: list[str]
                                "commit_s": committed - start, "round_s": pulled - start,
                                "rss_MB": sum(c.rss_mb() for c in coordinators)})
                 bar.update(task, completed=r + 1, info=f"{pulled - start:.2f}s")
+                if (r + 1) % HISTORY_EVERY == 0 or r + 1 == total:  # status lists the newest 50 versions
+                    for merged, coordinator, address in zip(histories, coordinators, addresses, strict=True):
+                        merged.update(await asyncio.to_thread(coordinator.merges, address))
     finally:
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
         await asyncio.gather(*(i.close() for i in islands))
     return {"rounds": rounds, "bytes_pulled_per_island": islands[0].bytes_pulled, "final_version": version,
-            "codec_kernels": kernels}
+            "codec_kernels": kernels, "histories": histories}
+
+
+def rss_trend(rss: list[float]) -> float:
+    """Growth across ``rss`` by its least-squares line, relative to its mean (0 for one value)."""
+    if len(rss) < 2:
+        return 0.0
+    fit = statistics.linear_regression(range(len(rss)), rss)
+    return fit.slope * (len(rss) - 1) / statistics.fmean(rss)
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
@@ -340,7 +356,6 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
         for i, coordinator in enumerate(coordinators):
             addresses[i] = coordinator.wait_address(START_TIMEOUT_S)
         driven = asyncio.run(drive(bench, cfg, addresses, tokens, config_hash, payloads, coordinators))
-        histories = [c.merges(a) for c, a in zip(coordinators, addresses, strict=True)]
     finally:
         for coordinator, address in zip(coordinators, addresses, strict=True):
             coordinator.stop(address)
@@ -357,7 +372,7 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
     fp32_mb = bench.params * 4 / 1e6
     aggregation = bench.islands * fp32_mb / statistics.median(commit_s)
     first_measured = driven["final_version"] - len(measured) + 1
-    entries = [[e for v, e in sorted(h.items()) if v >= first_measured] for h in histories]
+    entries = [[e for v, e in sorted(h.items()) if v >= first_measured] for h in driven["histories"]]
     if any(len(e) != len(measured) for e in entries):
         raise RuntimeError(f"the coordinators' histories list {[len(e) for e in entries]} of the {len(measured)} "
                            "measured versions")
@@ -381,7 +396,8 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
         "merge_s": {"p50": percentile(merge_s, 50), "all": merge_s},
         "merged_before_close": [sum(e[r].get("merged_early", 0) for e in entries) for r in range(len(measured))],
         "rss_MB": rss,
-        "rss_growth_last_100": last[-1] / last[0] - 1,
+        "rss_growth_last_100": rss_trend(last),
+        "rss_growth_last_100_endpoints": last[-1] / last[0] - 1,
         "codec_kernels": driven["codec_kernels"],
         "memcpy_MBps": memcpy,
         "aggregation_vs_memcpy": aggregation / memcpy,
@@ -460,7 +476,8 @@ def main(argv: list[str]) -> int:
             ("spill_MBps (disk, fsynced)", f"{result['spill_MBps']:.0f}"),
             ("state dir spill MB/s (fsynced)", f"{result['state_dir_spill_MBps']:.0f}"),
             ("coordinator RSS first / last round (MB)", f"{rss[0]:.0f} / {rss[-1]:.0f}"),
-            ("RSS growth over the last 100 rounds", f"{result['rss_growth_last_100']:+.2%}")]
+            ("RSS growth over the last 100 rounds (fit / endpoints)",
+             f"{result['rss_growth_last_100']:+.2%} / {result['rss_growth_last_100_endpoints']:+.2%}")]
     for row in rows:
         table.add_row(*row)
     console.print(table)

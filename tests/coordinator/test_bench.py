@@ -14,6 +14,23 @@ from sim.bench import main as bench_main
 from sim.run import synced_numel
 
 
+def test_rss_growth_is_the_least_squares_trend_relative_to_the_mean():
+    assert bench.rss_trend([100.0, 101.0, 102.0]) == pytest.approx(2 / 101)
+    assert bench.rss_trend([100.0, 110.0, 90.0, 100.0]) == pytest.approx(-6 / 100)
+    assert bench.rss_trend([100.0]) == 0.0
+
+
+def test_a_run_longer_than_the_status_history_still_times_every_merge(tmp_path):
+    out = tmp_path / "bench.json"
+    rounds = bench.HISTORY_EVERY * 2 + 10  # the coordinator's status lists its newest 50 versions
+    assert bench_main(["coordinator", "--islands", "2", "--rounds", str(rounds), "--warmup", "1", "--params", "2000",
+                       "--json", str(out), "--workdir", str(tmp_path / "work"), "--disk-dir", str(tmp_path / "disk"),
+                       "--spill-bytes", "100000"]) == 0
+    report = json.loads(out.read_text())
+    assert report["final_version"] == rounds + 1 and len(report["merge_s"]["all"]) == rounds
+    assert len(report["rss_MB"]) == rounds + 1
+
+
 def test_a_small_run_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_main(["coordinator", "--islands", "3", "--rounds", "2", "--warmup", "1", "--params", "20000",
@@ -36,7 +53,8 @@ def test_a_small_run_writes_every_field(tmp_path, capsys):
     assert report["ingest_wire_MBps"] == pytest.approx(
         3 * report["push_bytes"] / 1e6 / report["ingest_latency_s"]["p50"])
     assert len(report["rss_MB"]) == 3 and all(r > 0 for r in report["rss_MB"])
-    assert report["rss_growth_last_100"] == pytest.approx(report["rss_MB"][-1] / report["rss_MB"][0] - 1)
+    assert report["rss_growth_last_100_endpoints"] == pytest.approx(report["rss_MB"][-1] / report["rss_MB"][0] - 1)
+    assert report["rss_growth_last_100"] == pytest.approx(bench.rss_trend(report["rss_MB"]))
     assert len(report["merged_before_close"]) == 2 and all(0 <= m <= 3 for m in report["merged_before_close"])
     assert report["codec_kernels"] and all(k.startswith("int8-block/") for k in report["codec_kernels"])
     assert report["spill_MBps"] > 0 and report["state_dir_spill_MBps"] > 0
