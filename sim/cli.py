@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     spread.update(run_metadata(args.seeds, configs[0]))
     write_json(out / "report.json", spread)
     console.print(summary_table(f"archipelago sim · {args.preset} · {len(args.seeds)} seeds",
-                                {k: v for k, v in spread.items() if k in SPREAD_SUMMARY}))
+                                {k: spread[k] for k in SPREAD_SUMMARY if k in spread}))
     print_law_note(spread)
     console.print(f"report: {out / 'report.json'}")
     return 0
@@ -90,9 +90,8 @@ def main(argv: list[str]) -> int:
 SPREAD_FIELDS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "merge_gain", "comm_reduction",
                  "wan_bytes", "wall_s")
 SPREAD_STATS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "comm_reduction")
-SPREAD_SUMMARY = ("seeds", "params", "tokens_per_param",
-                  *(f"{k}_{s}" for k in ("loss_gap_rel", "comm_reduction") for s in ("mean", "std", "min", "max")),
-                  "law_predicted_gap")
+SPREAD_SUMMARY = ("seeds", "params", "tokens_per_param", *(f"loss_gap_rel_{s}" for s in ("mean", "std", "min", "max")),
+                  "law_predicted_gap", *(f"comm_reduction_{s}" for s in ("mean", "std", "min", "max")))
 # The same in every run of a preset: copied once to the spread.
 SPREAD_CONSTANT = ("params", "tokens_per_param", "law_predicted_gap", "law_predicted_gap_note")
 
