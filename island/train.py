@@ -19,7 +19,7 @@ import torch
 from archipelago.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from archipelago.config import ConfigError
 from island.data import DataConfig, TokenLoader, eval_batches, open_dataset
-from island.model import ModelConfig, Transformer, build_model
+from island.model import ModelConfig, Transformer, build_model, lm_loss
 from island.moe import update_router_biases
 
 
@@ -231,13 +231,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed held-out batches."""
+        """Mean cross-entropy over the fixed held-out batches. The z-loss (`model.z_loss`) is a
+        training regulariser and is left out, so eval losses compare across settings of it."""
         self.model.eval()
         losses = []
         for x, y in self.eval_set:
             with self.autocast:
-                losses.append(float(self.model.loss(x[self.rows].to(self.device),
-                                                    y[self.rows].to(self.device))))
+                logits = self.model(x[self.rows].to(self.device))
+                losses.append(float(lm_loss(logits, y[self.rows].to(self.device))))
         self.model.train()
         return self.group_mean(sum(losses) / len(losses))
 

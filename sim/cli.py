@@ -17,9 +17,9 @@ from sim.monitor import RunMonitor
 from sim.run import SimConfig, simulate
 from sim.scrape import MetricsPorts, add_prometheus_argument, metrics_ports
 
-SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "final_eval_loss", "merge_gain",
-           "baseline_eval_loss", "loss_gap_rel", "wan_bytes", "baseline_wan_bytes", "comm_reduction",
-           "bits_per_param_up", "bits_per_param_down",
+SUMMARY = ("islands", "inner_steps", "outer_rounds", "fragments", "tokens", "params", "tokens_per_param",
+           "final_eval_loss", "merge_gain", "baseline_eval_loss", "loss_gap_rel", "law_predicted_gap", "wan_bytes",
+           "baseline_wan_bytes", "comm_reduction", "bits_per_param_up", "bits_per_param_down",
            "compute_utilization", "peak_wan_bits_per_s", "fp32_sync_to_compute_ratio", "codec",
            "theta_b_identical", "replica_groups", "ranks_per_group", "expert_parallel",
            "intra_island_failures", "intra_island_recoveries", "wall_s")
@@ -81,7 +81,8 @@ def main(argv: list[str]) -> int:
     spread.update(run_metadata(args.seeds, configs[0]))
     write_json(out / "report.json", spread)
     console.print(summary_table(f"archipelago sim · {args.preset} · {len(args.seeds)} seeds",
-                                {k: v for k, v in spread.items() if k in SPREAD_SUMMARY}))
+                                {k: spread[k] for k in SPREAD_SUMMARY if k in spread}))
+    print_law_note(spread)
     console.print(f"report: {out / 'report.json'}")
     return 0
 
@@ -90,7 +91,10 @@ def main(argv: list[str]) -> int:
 SPREAD_FIELDS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "merge_gain", "comm_reduction",
                  "wan_bytes", "wall_s")
 SPREAD_STATS = ("final_eval_loss", "baseline_eval_loss", "loss_gap_rel", "comm_reduction")
-SPREAD_SUMMARY = ("seeds", *(f"{k}_{s}" for k in ("loss_gap_rel", "comm_reduction") for s in ("mean", "std", "min", "max")))
+SPREAD_SUMMARY = ("seeds", "params", "tokens_per_param", *(f"loss_gap_rel_{s}" for s in ("mean", "std", "min", "max")),
+                  "law_predicted_gap", *(f"comm_reduction_{s}" for s in ("mean", "std", "min", "max")))
+# The same in every run of a preset: copied once to the spread.
+SPREAD_CONSTANT = ("params", "tokens_per_param", "law_predicted_gap", "law_predicted_gap_note")
 
 
 def seed_spread(seeds: list[int], reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,7 +110,14 @@ def seed_spread(seeds: list[int], reports: list[dict[str, Any]]) -> dict[str, An
         mean = sum(values) / len(values)
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
         out.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_min": min(values), f"{key}_max": max(values)})
+    out.update({key: reports[0][key] for key in SPREAD_CONSTANT if key in reports[0]})
     return out
+
+
+def print_law_note(report: dict[str, Any]) -> None:
+    """Under the summary: where `law_predicted_gap` comes from (sim/law.py)."""
+    if "law_predicted_gap_note" in report:
+        console.print(f"law_predicted_gap: {report['law_predicted_gap_note']}")
 
 
 def run_one(cfg: SimConfig, out: Path, preset: str, ports: MetricsPorts | None = None,
@@ -141,5 +152,6 @@ def run_one(cfg: SimConfig, out: Path, preset: str, ports: MetricsPorts | None =
     write_json(out / "report.json", report)
     console.print(summary_table(f"archipelago sim · {preset}",
                                 {k: report[k] for k in SUMMARY if k in report}))
+    print_law_note(report)
     console.print(f"report: {out / 'report.json'}")
     return report

@@ -71,6 +71,7 @@ from archipelago.config import ConfigError
 from archipelago.console import console, summary_table
 from archipelago.runinfo import run_metadata, write_json
 from protos.quant import get_scheme
+from sim.law import predicted_gap
 from sim.wan import WanSpec
 
 _LAYOUT_NUMEL = 1 << 20
@@ -400,6 +401,13 @@ def summary_line(plan_in: PlanInput, predicted: dict[str, Any]) -> str:
             + (str(needed) if needed is not None else f"none ({predicted['shards_needed_note']})"))
 
 
+def law_line(predicted: dict[str, Any]) -> str:
+    """The quality cost the scaling law predicts, with where it comes from."""
+    gap = predicted["law_predicted_gap"]
+    head = "no prediction" if gap is None else f"DiLoCo's eval loss {gap:+.2%} against data parallel's"
+    return f"law_predicted_gap: {head} ({predicted['law_predicted_gap_note']})"
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.validate and not args.preset:
@@ -415,9 +423,12 @@ def main(argv: list[str]) -> int:
     for note in notes:
         console.print(note)
     predicted = predict(plan_in)
+    # the quality cost next to the bandwidth: the scaling law's gap at this N and M (sim/law.py)
+    predicted.update(predicted_gap(plan_in.params, plan_in.islands).fields())
     console.print(summary_table("archipelago sim plan (predicted)",
-                                {k: v for k, v in predicted.items() if k != "shards_needed_note"}))
+                                {k: v for k, v in predicted.items() if not k.endswith("_note")}))
     console.print(summary_line(plan_in, predicted))
+    console.print(law_line(predicted))
     out: dict[str, Any] = {"input": asdict(plan_in), "predicted": predicted}
     if measured is not None:
         keys = ("compute_utilization", "bytes_per_round_per_island", "wall_s", "peak_wan_bits_per_s",

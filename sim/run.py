@@ -32,6 +32,7 @@ from island.train import ParallelConfig, Trainer, model_tensors
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
 from protos.broadcast import digest
+from sim.law import predicted_gap
 from sim.monitor import RunMonitor
 from sim.wan import LinkProxy, LinkStats, WanSpec
 
@@ -396,6 +397,12 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str, monitor: RunMonitor |
         "diloco_eval_curve": [eval_point(p, cfg.diloco.steps_before(p["round"]) * n * tokens_per_step)
                               for p in result["islands"][0]["eval_curve"]],
     }
+    # N counts every synced parameter (the tied embedding once): the conservative count, with the
+    # fewest tokens per parameter and, the gap falling with N, the smallest predicted gap
+    # (docs/design.md, "The sim report and the scaling law").
+    params = synced_numel(cfg.model)
+    report.update({"params": params, "tokens_per_param": report["tokens"] / params,
+                   **predicted_gap(params, n).fields()})
     # What the last merge bought: island 0's own model before it against θ_b after it.
     if report["diloco_eval_curve"] and "merge_gain" in report["diloco_eval_curve"][-1]:
         report["merge_gain"] = report["diloco_eval_curve"][-1]["merge_gain"]
@@ -410,7 +417,8 @@ def simulate(cfg: SimConfig, out: Path, preset_label: str, monitor: RunMonitor |
 
         if monitor is not None:
             monitor.baseline_phase(out / "ddp" / PROGRESS_FILE, steps)
-        ddp = run_ddp(one_process(cfg), n, steps, out / "ddp", eval_every=h,
+        # the baseline's curve at the rounds island 0 evaluates θ_b (its final loss is the same)
+        ddp = run_ddp(one_process(cfg), n, steps, out / "ddp", eval_every=h * (cfg.diloco.eval_every_rounds or 1),
                       timeout_s=cfg.sim.timeout_s, init=warm[1] if warm else None)
         report.update({
             "baseline_eval_loss": ddp["final_eval_loss"],

@@ -91,3 +91,10 @@ def test_job_cross_checks_vocab_and_sequence_length(tmp_path, small_job):
         small_job("data.vocab_size=512")
     with pytest.raises(cfglib.ConfigError, match="train.seq_len"):
         small_job("train.seq_len=1024")
+
+
+def test_eval_loss_is_the_cross_entropy_without_the_z_loss(small_job):
+    plain, with_z = Trainer(small_job()), Trainer(small_job("model.z_loss=0.01"))
+    assert with_z.evaluate() == plain.evaluate()  # the same init: z-loss is a training term only
+    x, y = plain.eval_set[0]
+    assert float(with_z.model.loss(x, y)) > float(plain.model.loss(x, y))

@@ -33,6 +33,9 @@ def test_each_seed_runs_in_its_own_folder_and_the_report_gives_the_spread(tmp_pa
     assert (spread["loss_gap_rel_min"], spread["loss_gap_rel_max"]) == (min(gaps), max(gaps))
     assert spread["comm_reduction_min"] == min(r["comm_reduction"] for r in runs.values())
     assert "versions" in spread and spread["seed"] == [7, 8]
+    # the same model and islands in every run: the law's prediction and tokens per parameter once
+    for key in ("params", "tokens_per_param", "law_predicted_gap", "law_predicted_gap_note"):
+        assert spread[key] == runs[7][key] == runs[8][key], key
 
 
 @pytest.mark.parametrize("seeds,match", [("1,x", "integers"), ("3,3", "distinct"), ("", "integers")])

@@ -259,6 +259,27 @@ def test_cli_plans_a_large_run_and_names_missing_inputs(tmp_path, capsys):
     assert cli(["sim", "plan", "--params", "lots", "--islands", "2", "--step-time", "1", "--inner-steps", "5"]) == 2
 
 
+def test_plan_gives_the_scaling_laws_gap_next_to_the_bandwidth(tmp_path, capsys):
+    from sim.law import predicted_gap
+
+    path = tmp_path / "plan.json"
+    assert cli(["sim", "plan", "--params", "10B", "--islands", "4", "--step-time", "1.2", "--inner-steps", "100",
+                "--json", str(path)]) == 0
+    predicted = json.loads(path.read_text())["predicted"]
+    law = predicted_gap(10e9, 4)
+    assert predicted["law_predicted_gap"] == law.gap and predicted["law_predicted_gap_note"] == law.note
+    assert "extrapolation above" in law.note
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"law_predicted_gap: DiLoCo's eval loss {law.gap:+.2%}" in printed and "2503.09799" in printed
+    assert cli(["sim", "plan", "--preset", "law-m4", "--step-time", "0.1", "--json", str(path)]) == 0
+    predicted = json.loads(path.read_text())["predicted"]
+    from archipelago.config import load
+    from sim.run import SimConfig, synced_numel
+
+    assert predicted["law_predicted_gap"] == predicted_gap(synced_numel(load(SimConfig, "law-m4").model), 4).gap
+    assert "extrapolation below" in predicted["law_predicted_gap_note"]
+
+
 def test_validate_runs_the_simulation_and_compares(tmp_path, data_cache, capsys):
     small = ["model.dim=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
              "model.ffn_dim=128", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2",
