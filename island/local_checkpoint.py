@@ -83,17 +83,24 @@ class LocalCheckpoints:
         self.write_s = 0.0  # on the writer thread
         self.error: BaseException | None = None
         self.resumed_from: dict[str, Any] | None = None
+        self._held: int | None = None  # the pushes the coordinator held at the last checkpoint
 
     # ---- taking one ---------------------------------------------------------------------------
 
     def after_steps(self, client: DiLoCoClient) -> None:
-        """Called on the training thread after inner steps: take a checkpoint when one is due."""
+        """Called on the training thread after inner steps: take a checkpoint when one is due (every
+        `every` steps), and as soon as it can after a push was answered: until then a restart finds the
+        coordinator holding a push the newest checkpoint did not count, and cannot resume from it."""
         step = client.trainer.step
-        if step % self.every:
+        held = client.received_pushes + client.stats.pushes
+        if self._held is None:
+            self._held = held
+        if step % self.every and held == self._held:
             return
         if not self._idle.is_set() or any(not f.done() for f in client.pushes):
-            self.skipped += 1  # the last one is still being written, or a push awaits its answer
+            self.skipped += step % self.every == 0  # the last one is still being written, or a push awaits its answer
             return
+        self._held = client.received_pushes + client.stats.pushes
         start = time.perf_counter()
         files, meta = self._capture(client)
         self.copy_s += time.perf_counter() - start
@@ -260,6 +267,7 @@ class LocalCheckpoints:
         for header, tensors in records:  # the commits it missed, merged as a live island merges them
             client.apply_payload(header, tensors)
         client.rounds = [max(a, b) for a, b in zip(client.rounds, reg.rounds, strict=True)]
+        self._held = int(meta["pushes_held"])
         self.resumed_from = {"step": trainer.step, "version": int(meta["version"]), "caught_up_to": client.version,
                              "captured_at": meta["captured_at"], "position": client.position}
         log.info("island %s resumed from its local checkpoint at step %d (θ_b version %d, %d deltas since)",
