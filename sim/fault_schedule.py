@@ -67,6 +67,26 @@ class FaultSpec:
 
 
 @dataclass
+class Fault:
+    """One fault of a drawn schedule, and what happened when it was injected."""
+
+    kind: str
+    at_s: float  # seconds after the run's training started
+    target: str | list[str]  # "island-I", several islands, "leader", "standby" or "etcd"
+    duration_s: float = 0.0
+    when: str = ""  # kill_coordinator: "merging", at the leader's next commit
+    injected_at_s: float | None = None
+    ended_at_s: float | None = None  # restart / heal / link restored
+    recovered: bool = False
+    recovered_at_s: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+
+@dataclass
 class Schedule:
     faults: list[FaultSpec]
     jitter: float = 0.0  # a fraction of the expected run
@@ -188,12 +208,10 @@ def check(schedule: Schedule, islands: int, etcd: bool) -> None:
                               "an etcd binary on PATH)")
 
 
-def draw(schedule: Schedule, seed: int, islands: int, expected_s: float, durations: dict[str, float]) -> list[Any]:
-    """The schedule's faults for one run (sim/run_faults.py's `Fault`), in time order.
+def draw(schedule: Schedule, seed: int, islands: int, expected_s: float, durations: dict[str, float]) -> list[Fault]:
+    """The schedule's faults for one run, in time order (sim/run_faults.py carries them out).
 
     `durations`: each kind's default duration in seconds, for entries that give none."""
-    from sim.run_faults import Fault
-
     rng = random.Random(seed)
     drawn = sorted({int(t[6:]) for spec in schedule.faults for t in spec.targets if t.startswith("drawn-")})
     picks = rng.sample(range(islands), k=min(islands, max(3, len(drawn))))
@@ -218,7 +236,7 @@ def draw(schedule: Schedule, seed: int, islands: int, expected_s: float, duratio
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def dump(faults: list[Any], jitter: float = 0.0) -> str:
+def dump(faults: list[Fault], jitter: float = 0.0) -> str:
     """A schedule file holding exactly `faults` (seconds, targets by name): a drawn run, replayable."""
     lines = [f'jitter = "{jitter * 100:g}%"', ""] if jitter else []
     for f in faults:
@@ -232,4 +250,4 @@ def dump(faults: list[Any], jitter: float = 0.0) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KINDS", "FaultSpec", "Schedule", "check", "draw", "dump", "load_schedule", "parse_schedule"]
+__all__ = ["KINDS", "Fault", "FaultSpec", "Schedule", "check", "draw", "dump", "load_schedule", "parse_schedule"]

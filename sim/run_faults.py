@@ -40,7 +40,7 @@ from typing import Any
 from archipelago import config as cfglib
 from archipelago.config import ConfigError
 from archipelago.procs import signal_group
-from sim.fault_schedule import ETCD_KINDS, KINDS, load_schedule
+from sim.fault_schedule import ETCD_KINDS, KINDS, Fault, load_schedule
 from sim.run import SimConfig
 
 # kinds after which another coordinator leads (with etcd) or the coordinator came back on its state
@@ -76,24 +76,6 @@ def durations(cfg: FaultsSection, expected_s: float) -> dict[str, float]:
             "slow": round(cfg.slow_fraction * expected_s, 2), "corrupt": 0.0,
             "kill_etcd": cfg.etcd_restart_after_s, "etcd_outage": cfg.etcd_outage_s,
             "cut_leader_etcd": cfg.etcd_cut_s, "term_coordinator": cfg.restart_after_s}
-
-
-@dataclass
-class Fault:
-    kind: str
-    at_s: float  # seconds after the run's training started
-    target: str | list[str]  # "island-I", several islands, "leader", "standby" or "etcd"
-    duration_s: float = 0.0
-    when: str = ""  # kill_coordinator: "merging", at the leader's next commit
-    injected_at_s: float | None = None
-    ended_at_s: float | None = None  # restart / heal / link restored
-    recovered: bool = False
-    recovered_at_s: float | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def targets(self) -> list[str]:
-        return [self.target] if isinstance(self.target, str) else list(self.target)
 
 
 class RunFaultInjector:
