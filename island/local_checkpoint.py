@@ -84,6 +84,10 @@ class LocalCheckpoints:
         self.error: BaseException | None = None
         self.resumed_from: dict[str, Any] | None = None
         self._held: int | None = None  # the pushes the coordinator held at the last checkpoint
+        self._base: tuple[int, int, int] | None = None  # θ_b copied last: version, timeline, which dict
+        self._theta_b: dict[str, torch.Tensor] = {}
+        self._syncs: tuple[int, int] | None = None  # syncs done (each encodes) when the residuals were copied
+        self._feedback: dict[str, torch.Tensor] = {}
 
     # ---- taking one ---------------------------------------------------------------------------
 
@@ -127,10 +131,20 @@ class LocalCheckpoints:
             "model.safetensors": {n: self._copy(f"model/{n}", t) for n, t in model_tensors(trainer.model).items()},
             "optimizer.safetensors": {n: self._copy(f"optimizer/{n}", t)
                                       for n, t in optimizer_tensors(trainer.optimizer).items()},
-            "theta_b.safetensors": {n: self._copy(f"theta_b/{n}", t) for n, t in client.theta_b.items()},
         }
-        feedback = {f"f{f}/{n}": e for f, fb in enumerate(client.feedback)  # copies already
-                    for n, e in fb.state_dict()["residuals"].items()}
+        # θ_b changes only when a payload is applied, the residuals only when a sync encodes: copied
+        # again only then (their buffers are not written while a checkpoint is being written)
+        base = (client.version, client.timeline, id(client.theta_b))
+        if base != self._base:
+            self._theta_b = {n: self._copy(f"theta_b/{n}", t) for n, t in client.theta_b.items()}
+            self._base = base
+        files["theta_b.safetensors"] = self._theta_b
+        syncs = (len(client.stats.sync_log), id(client.feedback))
+        if syncs != self._syncs:
+            self._feedback = {f"f{f}/{n}": e for f, fb in enumerate(client.feedback)  # copies already
+                              for n, e in fb.state_dict()["residuals"].items()}
+            self._syncs = syncs
+        feedback = self._feedback
         snapshots = {f"f{f}/{n}": self._copy(f"snapshot/{f}/{n}", t) for f, snap in client.snapshots.items()
                      for n, t in snap.items()}
         for name, tensors in (("feedback.safetensors", feedback), ("snapshots.safetensors", snapshots)):
