@@ -34,6 +34,7 @@ when the coordinator can only send the full θ_b, it pulls θ_b as a restarted i
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -166,6 +167,8 @@ class LocalCheckpoints:
         return files, meta
 
     def _write_loop(self) -> None:
+        for stale in self.dir.glob(f".{PREFIX}*.tmp-*"):  # what a killed process was writing
+            shutil.rmtree(stale, ignore_errors=True)
         while not self._stop.is_set():
             if not self._wake.wait(0.5):
                 continue
