@@ -124,6 +124,7 @@ class Registration:
     num_shards: int = 1  # the coordinator is shard `shard_index` of `num_shards` (docs/design.md)
     shard_index: int = 0
     round_of: dict[int, int] = field(default_factory=dict)  # fragment -> open round, as the coordinator listed them
+    staleness_limit: int = 0  # versions a push's base may lag (0: the coordinator did not say)
 
 
 class ShardMismatch(UserError):
@@ -193,7 +194,8 @@ class CoordinatorLink:
         return Registration(reply.epoch, reply.version, reply.timeline,
                             [fs.round for fs in sorted(reply.fragments, key=lambda f: f.fragment)],
                             reply.theta_b_sha256, reply.received_pushes, max(1, reply.num_shards),
-                            reply.shard_index, {fs.fragment: fs.round for fs in reply.fragments})
+                            reply.shard_index, {fs.fragment: fs.round for fs in reply.fragments},
+                            reply.staleness_limit)
 
     def start(self, on_heartbeat: Callable[[pb.HeartbeatReply], None],
               on_rejoin: Callable[[pb.RegisterReply], None]) -> None:

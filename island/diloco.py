@@ -20,8 +20,9 @@ island/shard_link.py), which retries, fails over and re-registers by itself. The
 - a push too stale to apply is dropped; the island goes on;
 - the coordinator rolled back (ROLLBACK, a push refused for another timeline, or a re-registration
   on another timeline): the island pulls the full θ_b and restarts its local state from it;
-- a restarted island process (its epoch is above 1) resumes after the pushes the coordinator holds
-  from it, with its data position and lr schedule moved to that round.
+- a restarted island process (its epoch is above 1) resumes from its local checkpoint where the
+  coordinator still accepts that checkpoint's base (island/local_checkpoint.py), else after the
+  pushes the coordinator holds from it, with its data position and lr schedule moved to that round.
 
 The inner steps come from an `InnerSteps` (this process's trainer by default); an island of replica
 groups plugs its gateway in there (island/gateway.py).
@@ -40,6 +41,7 @@ import torch
 
 from island.ack_log import AckLog
 from island.diloco_config import DiLoCoConfig, run_config_hash, synced_tensors
+from island.local_checkpoint import LocalCheckpoints, resume_round
 from island.telemetry import IslandStats, Telemetry
 from island.train import Trainer
 from protos import archipelago_pb2 as pb
@@ -138,20 +140,29 @@ class DiLoCoClient:
         self._push_lock = threading.Lock()
         self.pushes: list[Future] = []
         self.telemetry = Telemetry(self)  # metrics and progress file, when configured
+        self.position = [0, 0, 0]  # outer round, segment (fragment sync) in it, inner steps done in the segment
+        self.order: list[int] = []  # the fragments in the order this process visits them
+        self.local_checkpoints = LocalCheckpoints(self) if cfg.local_checkpoint_every else None
 
     # ---- the outer loop -------------------------------------------------------------------------
 
     def run(self) -> IslandStats:
         """Register, pull, and run `cfg.rounds` outer rounds of H inner steps each."""
         self.connect()
-        order = self.fragment_order()
-        start = self.resume_round()
-        self.ack_log.write({"event": "start", "epoch": self.epoch, "round": start, "version": self.version})
+        resumed = self.local_checkpoints.resumed_from if self.local_checkpoints else None
+        if not resumed:
+            self.order, self.position = self.fragment_order(), [resume_round(self), 0, 0]
+        order, (start, segment, done) = self.order, self.position
+        self.ack_log.write({"event": "start", "epoch": self.epoch, "round": start, "version": self.version,
+                            "resumed_from": resumed})
         try:
             for round_ in range(start, self.cfg.rounds):
                 local_loss = None
-                for fragment, steps in zip(order, self.cfg.fragment_steps(round_), strict=True):
-                    self.steps.train(self, steps, fragment)
+                for j, (fragment, steps) in enumerate(zip(order, self.cfg.fragment_steps(round_), strict=True)):
+                    if round_ == start and j < segment:  # synced before the checkpoint it resumed from
+                        continue
+                    self.position = [round_, j, done if (round_, j) == (start, segment) else 0]
+                    self.steps.train(self, steps - self.position[2], fragment)
                     if fragment == order[-1]:
                         local_loss = self.maybe_evaluate_local()
                     self.sync(fragment, last=round_ == self.cfg.rounds - 1)
@@ -171,23 +182,6 @@ class DiLoCoClient:
         first = min(range(self.cfg.fragments), key=lambda f: (self.rounds[f], f))
         return [(first + i) % self.cfg.fragments for i in range(self.cfg.fragments)]
 
-    def resume_round(self) -> int:
-        """The first outer round this process runs: 0, or for a restarted island process (the
-        coordinator knew it before: epoch > 1) the round after the pushes the coordinator holds from
-        it, with the trainer's step and data position moved there so that its lr schedule and data
-        go on where they were."""
-        if self.epoch <= 1 or self.trainer.step:
-            return 0
-        start = min(self.received_pushes // self.cfg.fragments, self.cfg.rounds)
-        steps = self.cfg.steps_before(start)
-        self.trainer.step = steps
-        loader = getattr(self.trainer, "loader", None)
-        if loader is not None and loader.batches_per_epoch:
-            loader.epoch, batch = divmod(steps, loader.batches_per_epoch)
-            loader.position = batch * loader.batch_size
-        log.info("island %s restarted: joining at round %d (inner step %d)", self.island_id, start, steps)
-        return start
-
     def record_steps(self, loss_sum: float, steps: int, tokens: int, compute_s: float) -> None:
         """Inner steps done since the last sync: their summed loss, count, tokens and compute time."""
         self.loss_sum += loss_sum
@@ -195,6 +189,9 @@ class DiLoCoClient:
         self.token_sum += tokens
         self.stats.compute_s += compute_s
         self.telemetry.steps(loss_sum, steps, tokens, compute_s)
+        self.position[2] += steps
+        if self.local_checkpoints is not None:
+            self.local_checkpoints.after_steps(self)
 
     def evaluates_round(self, rounds: int) -> bool:
         """Whether island 0 evaluates θ_b once `rounds` rounds are done."""
@@ -447,7 +444,9 @@ class DiLoCoClient:
         self.epoch, self.received_pushes, self.timeline = reg.epoch, reg.received_pushes, reg.timeline
         self.rounds = list(reg.rounds)
         self.link.start(on_heartbeat=self.check_drift, on_rejoin=self.rejoined)
-        if reg.theta_b_sha256 and reg.theta_b_sha256 == digest(self.local) and not self.theta_b:
+        if self.local_checkpoints is not None and self.local_checkpoints.resume(self, reg):
+            pass  # θ_b, θ_local and the inner state from its own checkpoint, caught up
+        elif reg.theta_b_sha256 and reg.theta_b_sha256 == digest(self.local) and not self.theta_b:
             # This island already holds θ_b bit for bit (same seed, version 0): no need to pull it.
             self.theta_b = {n: t.detach().clone() for n, t in self.local.items()}
             self.version = reg.version
@@ -489,6 +488,8 @@ class DiLoCoClient:
     def close(self) -> None:
         """Stop the pusher and the background threads and wait for them (bounded)."""
         self._stop.set()
+        if self.local_checkpoints is not None:
+            self.local_checkpoints.close(CLOSE_TIMEOUT_S)
         for pusher in self.pushers.values():
             pusher.shutdown(wait=False, cancel_futures=True)
         stuck = self.link.close(CLOSE_TIMEOUT_S)

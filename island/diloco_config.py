@@ -58,6 +58,17 @@ class DiLoCoConfig:
     # Append one JSON line per acknowledged push (and per start) to this file; "{island_id}" in it
     # is replaced by the island's id. Empty: none. The chaos runs read it to count lost updates.
     ack_log: str = ""
+    # The codec's compiled kernels (protos/codec_kernels.py): "auto" compiles them at the island's
+    # first push (seconds, once per process, repaid over many pushes of a large model); "off" keeps
+    # them eager, for short runs or islands that restart often. ARCHIPELAGO_CODEC_COMPILE, when set,
+    # wins over this.
+    codec_compile: str = "auto"
+    # Island-local checkpoints (island/local_checkpoint.py): every this many inner steps (0: none) the
+    # island writes its model, AdamW state, data cursor, error-feedback residuals and its rounds' base
+    # (θ_b, version, timeline) to local_checkpoint_dir ("{island_id}" replaced), in the background; a
+    # restarted process resumes there when the coordinator still accepts that base.
+    local_checkpoint_every: int = 0
+    local_checkpoint_dir: str = "local-checkpoints/{island_id}"
     # Live telemetry (island/telemetry.py, docs/design.md Observability): Prometheus metrics on this
     # port of metrics_host (0: none), and a progress JSON replaced atomically as the island trains
     # ("{island_id}" is replaced by the island's id; empty: none). Neither changes training.
@@ -91,6 +102,12 @@ class DiLoCoConfig:
             raise ConfigError(f"diloco.reconnect_timeout_s must be >= 0 (0: no limit), got {self.reconnect_timeout_s}")
         if not self.retry_max_delay_s > 0:
             raise ConfigError(f"diloco.retry_max_delay_s must be > 0, got {self.retry_max_delay_s}")
+        if self.codec_compile not in ("auto", "off"):
+            raise ConfigError(f"diloco.codec_compile must be auto or off, got {self.codec_compile!r}")
+        if self.local_checkpoint_every < 0:
+            raise ConfigError(f"diloco.local_checkpoint_every must be >= 0 (0: off), got {self.local_checkpoint_every}")
+        if self.local_checkpoint_every and not self.local_checkpoint_dir:
+            raise ConfigError("diloco.local_checkpoint_dir must name a folder when local checkpoints are on")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"diloco.metrics_port must be a TCP port or 0 (off), got {self.metrics_port}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from island.replica import ReplicaGroupsConfig, check_island_layout
 from island.shard_link import ShardedLink
 from island.train import Trainer, TrainJobConfig
 from protos.broadcast import digest
+from protos.codec_kernels import COMPILE_ENV
 
 
 @dataclass
@@ -82,6 +84,8 @@ def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
     `steps`: where the inner steps come from (an island of replica groups passes its gateway's).
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.island_id} %(levelname)s %(message)s")
+    if job.diloco.codec_compile == "off":  # the environment, where set, wins (protos/codec_kernels.py)
+        os.environ.setdefault(COMPILE_ENV, "0")
     client = open_client(job.diloco, trainer, args.coordinator, args.island_id, args.token, steps)
     stats = client.run()
     report = {
@@ -90,6 +94,7 @@ def run_island(args: argparse.Namespace, job: IslandJobConfig, trainer: Trainer,
         "compute_s": stats.compute_s, "blocked_s": stats.blocked_s, "reconnects": stats.reconnects,
         "coordinator_switches": stats.coordinator_switches, "coordinator_wait_s": stats.coordinator_wait_s,
         "rejoins": stats.rejoins,
+        "local_checkpoints": client.local_checkpoints.report() if client.local_checkpoints else None,
         "final_version": client.version, "eval_curve": stats.eval_curve, "sync_log": stats.sync_log,
         "theta_b_sha256": digest(client.theta_b),
         **(extra(trainer, stats) if extra else {}),

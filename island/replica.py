@@ -38,7 +38,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from archipelago.config import ConfigError
 from island.model import build_model
@@ -99,6 +98,8 @@ def is_replicated(groups: ReplicaGroupsConfig, job: TrainJobConfig) -> bool:
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; a plain tensor as is (same storage)."""
+    from torch.distributed.tensor import DTensor  # here: importing it costs a plain island's start seconds
+
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -201,6 +202,8 @@ class ReplicaTrainer(Trainer):
             if had:
                 local_part(p.grad).copy_(part)
             elif flag > 0:
+                from torch.distributed.tensor import DTensor
+
                 part = part.clone()
                 p.grad = (DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
                           if isinstance(p, DTensor) else part)
@@ -280,6 +283,8 @@ class ReplicaTrainer(Trainer):
     def _like(param: torch.Tensor, value: Any) -> Any:
         """An optimizer state entry as the live optimizer keeps it: a DTensor for a sharded
         parameter's moments, a plain tensor (the step) or value otherwise."""
+        from torch.distributed.tensor import DTensor
+
         if isinstance(param, DTensor) and torch.is_tensor(value) and value.ndim > 0:
             return DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
                                       stride=param.stride())
@@ -294,6 +299,8 @@ class ReplicaTrainer(Trainer):
 
     def part_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full tensor `name` (a slice for an FSDP shard)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         live = self._live(name)
         if isinstance(live, DTensor):
             return distribute_tensor(full.to(live.device), live.device_mesh, live.placements,

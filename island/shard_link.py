@@ -159,7 +159,7 @@ class ShardedLink:
         at_theta0 = all(r.version == 0 and r.timeline == 0 for r in regs) and len(digests) == 1
         return Registration(max(self._epochs), view.version, view.timeline, [rounds[f] for f in sorted(rounds)],
                             digests.pop() if at_theta0 else "", sum(r.received_pushes for r in regs),
-                            self.num_shards, 0, rounds)
+                            self.num_shards, 0, rounds, min(r.staleness_limit for r in regs))
 
     def start(self, on_heartbeat: Callable[[pb.HeartbeatReply], None],
               on_rejoin: Callable[[pb.RegisterReply], None]) -> None:

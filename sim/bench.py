@@ -1,4 +1,4 @@
-"""`archipelago bench codec|kernels|coordinator`: benchmarks that print ratios against a baseline
+"""`archipelago bench codec|kernels|coordinator|local-checkpoint`: benchmarks that print ratios against a baseline
 measured in the same run and write JSON."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ BENCHES = {
     "codec": ("sim.bench_codec", "codec schemes on a real pseudo-gradient vs memcpy"),
     "kernels": ("kernels.bench", "kernels vs their torch reference twins"),
     "coordinator": ("coordinator.bench", "one coordinator driven by many lightweight islands"),
+    "local-checkpoint": ("sim.bench_local_checkpoint", "an inner step with island-local checkpoints on and off"),
 }
 
 

@@ -6,20 +6,24 @@
                          bit from its peer
     --preset ci          faults across islands and the coordinator (sim/run_faults.py, on the
                          processes and links of sim/chaos_cluster.py): the ci job without faults,
-                         then under a seeded schedule (kill an island, partition a link, kill the
-                         coordinator leader, slow an island, corrupt a push), with its goodput
-                         against synchronous data parallel under the same trace (sim/goodput.py)
-    --preset etcd        the same with etcd's faults: etcd killed and restarted, etcd down for 90 s,
-                         the leader's link to etcd cut, the leader stopped with SIGTERM
+                         then under its schedule (configs/faults-ci.toml: kill an island, partition a
+                         link, kill the coordinator leader while it commits, slow an island, corrupt
+                         a push), drawn with the seed, with its goodput against synchronous data
+                         parallel under the same trace (sim/goodput.py)
+    --preset etcd        the same with etcd's faults (configs/faults-etcd.toml): etcd killed and
+                         restarted, etcd down for 90 s, the leader's link to etcd cut, the leader
+                         stopped with SIGTERM
+    --faults FILE        the run under the schedule in FILE instead (sim/fault_schedule.py)
+    --seeds S1,S2,...    one run per seed (train.seed; each draws its own schedule) in DIR/seed-S/,
+                         and the spread of goodput in DIR/report.json
 
-Both write report.json (and logs) under --report.
+Each writes report.json (and logs) under --report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -30,11 +34,14 @@ from archipelago.console import console, summary_table
 from archipelago.runinfo import run_metadata, write_json
 from island.data import open_dataset
 from sim.chaos_cluster import run_cluster
+from sim.cli import seed_list
+from sim.fault_recovery import recovery
+from sim.fault_schedule import Schedule, check, dump, load_schedule
 from sim.goodput import accounting, dp_goodput, step_seconds
 from sim.island_faults import IslandChaosConfig, IslandFaultInjector, chaos_fields, check_chaos
 from sim.monitor import RunMonitor
 from sim.run import bound_push_tokens, simulate
-from sim.run_faults import FAILOVER_KINDS, RunChaosConfig, handles, load_config, recovery
+from sim.run_faults import FAILOVER_KINDS, RunChaosConfig, handles, load_config
 from sim.scrape import add_prometheus_argument, metrics_ports
 
 ISLAND_SUMMARY = ("islands", "replica_groups", "ranks_per_group", "expert_parallel",
@@ -49,19 +56,27 @@ RUN_SUMMARY = ("islands", "failover_mode", "failures_injected", "recovered", "co
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archipelago chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="island-ci",
-                   help="island-ci (kill a rank inside an island), ci (configs/chaos-ci.toml: faults across "
-                        "islands and the coordinator), a preset under configs/ or a .toml path")
+    p.add_argument("--preset",
+                   help="island-ci (kill a rank inside an island; the default), ci (configs/chaos-ci.toml: faults "
+                        "across islands and the coordinator; the default with --faults or --seeds), a preset under "
+                        "configs/ or a .toml path")
     p.add_argument("--report", default="runs/chaos", help="folder for report.json and logs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted name (repeatable)")
+    p.add_argument("--faults", metavar="FILE",
+                   help="a fault schedule (TOML [[fault]] entries: kind, at, target, duration, when; see "
+                        "configs/faults-ci.toml) instead of the preset's faults.schedule")
+    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                   help="one chaos run per seed (train.seed), each with its own drawn schedule, in DIR/seed-S/, "
+                        "and the spread of goodput in DIR/report.json")
     add_prometheus_argument(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if handles(args.preset):  # faults across islands and the coordinator (`--preset ci`)
+    args.preset = args.preset or ("ci" if args.faults or args.seeds else "island-ci")
+    if handles(args.preset) or args.faults or args.seeds:  # faults across islands and the coordinator
         return run_chaos(args)
     return island_chaos(args)
 
@@ -98,22 +113,26 @@ def island_chaos(args: argparse.Namespace) -> int:
 
 
 def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
-                   monitor: RunMonitor | None = None) -> dict[str, Any]:
+                   monitor: RunMonitor | None = None, schedule: Schedule | None = None) -> dict[str, Any]:
+    """The run without faults, then under `schedule` (default: the preset's faults.schedule)."""
+    schedule = schedule or load_schedule(cfg.faults.schedule)
+    use_etcd = cfg.use_etcd
+    check(schedule, cfg.sim.islands, use_etcd)
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)
     bound_push_tokens(cfg)
     preset_file = out / "chaos-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
-    use_etcd = cfg.faults.failover == "etcd" or (cfg.faults.failover == "auto" and shutil.which("etcd"))
-    clean = run_cluster(cfg, out / "fault-free", preset_file, bool(use_etcd), None, monitor)
+    clean = run_cluster(cfg, out / "fault-free", preset_file, use_etcd, None, monitor)
     clean_acc = accounting(clean)
-    chaos = run_cluster(cfg, out / "chaos", preset_file, bool(use_etcd), clean_acc["wall_s"], monitor)
+    chaos = run_cluster(cfg, out / "chaos", preset_file, use_etcd, clean_acc["wall_s"], monitor, schedule)
     acc = accounting(chaos)
     faults = recovery(chaos)
+    (out / "faults-drawn.toml").write_text(dump(chaos["fault_objects"]))
     injected = [f for f in faults if f["injected_at_s"] is not None]
     step_s = step_seconds(clean, cfg)
-    restarts = [f["detail"]["replacement_started_s"] for f in faults
-                if f["kind"] == "kill_island" and f["detail"].get("replacement_started_s")]
+    restarts = [i["replacement_started_s"] for f in faults if f["kind"] == "kill_island"
+                for i in f["detail"].get("islands", {}).values() if i.get("replacement_started_s")]
     restart_s = statistics.median(restarts) if restarts else 0.0
     checkpoint_every_s = cfg.faults.dp_checkpoint_every_s or step_s * cfg.diloco.inner_steps
     dp = dp_goodput(faults, acc["wall_s"], restart_s, checkpoint_every_s)
@@ -121,7 +140,7 @@ def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
     return {
         "preset": preset_label, "islands": cfg.sim.islands, "inner_steps": cfg.diloco.inner_steps,
         "outer_rounds": cfg.diloco.rounds, "fragments": cfg.diloco.fragments, "overlap": cfg.diloco.overlap,
-        "faults": faults, "failures_injected": len(injected),
+        "schedule": schedule.source, "faults": faults, "failures_injected": len(injected),
         "recovered": sum(1 for f in injected if f["recovered"]),
         "failover_mode": "etcd standby takeover" if use_etcd else "kill and restart on the sqlite state",
         "coordinator_failovers": len(failovers),
@@ -160,32 +179,114 @@ def targets_met(report: dict[str, Any]) -> dict[str, bool]:
     return {"updates_lost == 0": report["updates_lost"] == 0,
             "updates_applied_twice == 0": report["updates_applied_twice"] == 0,
             "every failure recovered": report["recovered"] == report["failures_injected"] > 0,
-            "goodput >= 0.90": report["goodput"] >= 0.90,
+            "goodput >= 0.93": report["goodput"] >= 0.93,
             "goodput >= 2 x dp": report["goodput"] >= 2 * report["dp_goodput_same_trace"],
             "loss gap <= 0.05": report["loss_gap_vs_fault_free"] <= 0.05,
             "coordinator failovers >= 1": report["coordinator_failovers"] >= 1}
 
 
+def fault_line(f: dict[str, Any]) -> str:
+    """One fault as the report prints it: what, on what, when it was injected and recovered."""
+    target = f["target"] if isinstance(f["target"], str) else ",".join(f["target"])
+    kind = f["kind"] + (f" ({f['when']})" if f.get("when") else "")
+    if f["injected_at_s"] is None:
+        return f"  {kind:<28} {target:<18} scheduled at {f['at_s']:.1f}s, not injected"
+    state = "[red]NOT recovered[/]" if not f["recovered"] else (
+        f"recovered at {f['recovered_at_s']:.1f}s (+{f['recovered_at_s'] - f['injected_at_s']:.1f}s)"
+        if f.get("recovered_at_s") is not None else "recovered")
+    line = f"  {kind:<28} {target:<18} injected at {f['injected_at_s']:.1f}s, {state}"
+    d = f["detail"]
+    if "zombie" in d:
+        z = d["zombie"]
+        line += (f"; standby took over after {d.get('takeover_s')}s, the paused leader woke after "
+                 f"{z['woke_after_s']}s: {z['commits_after_wake']} commits and {z['pushes_accepted_after_wake']} pushes "
+                 f"accepted after waking, " + (f"stepped down {z['stepped_down_after_wake_s']}s after"
+                                              if z["stepped_down_after_wake_s"] is not None
+                                              else f"exit status {z['exit_status']}"))
+    if d.get("interrupted_version") is not None:
+        line += (f"; killed while writing version {d['interrupted_version']}, which the next leader committed "
+                 f"{d.get('interrupted_version_committed_after_s')}s after the kill")
+    resumed = [i["resumed_from"] for i in d.get("islands", {}).values() if i.get("resumed_from")]
+    if resumed:
+        line += "; resumed from local checkpoints at steps " + ", ".join(str(r["step"]) for r in resumed)
+    return line
+
+
+def print_report(label: str, report: dict[str, Any]) -> None:
+    console.print(summary_table(f"archipelago chaos · {label}", {k: report[k] for k in RUN_SUMMARY}))
+    for f in report["faults"]:
+        console.print(fault_line(f))
+    for name, ok in report["targets"].items():
+        console.print(f"  {'[green]ok[/]' if ok else '[red]missed[/]'}  {name}")
+
+
 def run_chaos(args: argparse.Namespace) -> int:
-    """`archipelago chaos` for the presets `handles` accepts (a `[faults]` table)."""
+    """`archipelago chaos` for the presets `handles` accepts (a `[faults]` table), or `--faults FILE`."""
     cfg = load_config(args.preset, args.overrides)
+    schedule = load_schedule(args.faults or cfg.faults.schedule)
+    check(schedule, cfg.sim.islands, cfg.use_etcd)
     out = Path(args.report)
+    if args.seeds:
+        return run_seeds(args, cfg, schedule, out)
+    report = run_one(args, cfg, schedule, out)
+    print_report(args.preset, report)
+    console.print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def run_one(args: argparse.Namespace, cfg: RunChaosConfig, schedule: Schedule, out: Path,
+            label: str = "") -> dict[str, Any]:
     console.print(f"[bold]archipelago chaos[/] · {args.preset}: {cfg.sim.islands} islands × {cfg.diloco.rounds} "
-                  f"rounds × H={cfg.diloco.inner_steps}; a fault-free run, then the same under faults "
-                  f"(seed {cfg.train.seed}); logs in {out}/")
+                  f"rounds × H={cfg.diloco.inner_steps}; a fault-free run, then the same under {schedule.source} "
+                  f"(seed {cfg.train.seed}){f', {label}' if label else ''}; logs in {out}/")
     phases = [("fault-free", cfg.total_inner_steps), ("faults", cfg.total_inner_steps)]
-    with RunMonitor(f"chaos {args.preset}", phases, metrics_ports(out, args, cfg.sim.host)) as monitor:
-        report = simulate_chaos(cfg, out, args.preset, monitor)
+    title = f"chaos {args.preset}" + (f" · {label}" if label else "")
+    with RunMonitor(title, phases, metrics_ports(out, args, cfg.sim.host)) as monitor:
+        report = simulate_chaos(cfg, out, args.preset, monitor, schedule)
     report["targets"] = targets_met(report)
     write_json(out / "report.json", report)
     _plot(out, report)
-    console.print(summary_table(f"archipelago chaos · {args.preset}", {k: report[k] for k in RUN_SUMMARY}))
-    for f in report["faults"]:
-        state = "[green]recovered[/]" if f["recovered"] else "[red]NOT recovered[/]"
-        when = "not injected" if f["injected_at_s"] is None else f"at {f['injected_at_s']:.1f}s"
-        console.print(f"  {f['kind']:<17} {f['target']:<12} {when:<14} {state}")
-    for name, ok in report["targets"].items():
-        console.print(f"  {'[green]ok[/]' if ok else '[red]missed[/]'}  {name}")
+    return report
+
+
+SEED_FIELDS = ("goodput", "dp_goodput_same_trace", "updates_lost", "updates_applied_twice", "coordinator_failovers",
+               "failures_injected", "recovered", "loss_gap_vs_fault_free", "fault_free_goodput", "wall_s",
+               "goodput_breakdown")
+
+
+def run_seeds(args: argparse.Namespace, cfg: RunChaosConfig, schedule: Schedule, out: Path) -> int:
+    """One chaos run per seed (train.seed: the model, the data order and the drawn schedule), and the
+    spread of goodput across them."""
+    from dataclasses import replace
+
+    reports = []
+    for k, seed in enumerate(args.seeds):
+        seeded = replace(cfg, train=replace(cfg.train, seed=seed))
+        report = run_one(args, seeded, schedule, out / f"seed-{seed}", f"seed {seed}, {k + 1} of {len(args.seeds)}")
+        print_report(f"{args.preset} · seed {seed}", report)
+        reports.append(report)
+    runs = [{"seed": seed, "report": f"seed-{seed}/report.json", **{k: r[k] for k in SEED_FIELDS},
+             "faults": [{"kind": f["kind"], "target": f["target"], "injected_at_s": f["injected_at_s"],
+                         "recovered_at_s": f.get("recovered_at_s"), "recovered": f["recovered"]} for f in r["faults"]],
+             "targets_missed": [name for name, ok in r["targets"].items() if not ok]}
+            for seed, r in zip(args.seeds, reports, strict=True)]
+    goodput = [r["goodput"] for r in reports]
+    mean = statistics.fmean(goodput)
+    spread = {"seeds": args.seeds, "schedule": schedule.source, "runs": runs, "goodput_mean": mean,
+              "goodput_std": statistics.stdev(goodput) if len(goodput) > 1 else 0.0,
+              "goodput_min": min(goodput), "goodput_max": max(goodput),
+              "updates_lost_total": sum(r["updates_lost"] for r in reports),
+              "updates_applied_twice_total": sum(r["updates_applied_twice"] for r in reports),
+              "all_recovered": all(r["recovered"] == r["failures_injected"] > 0 for r in reports),
+              "coordinator_failovers_min": min(r["coordinator_failovers"] for r in reports),
+              **run_metadata(args.seeds, cfg)}
+    write_json(out / "report.json", spread)
+    console.print(summary_table(f"archipelago chaos · {args.preset} · {len(args.seeds)} seeds", {
+        **{f"seed {r['seed']}": f"goodput {r['goodput']:.3f}, lost {r['updates_lost']}, twice "
+                                f"{r['updates_applied_twice']}, {r['recovered']}/{r['failures_injected']} recovered, "
+                                f"{r['coordinator_failovers']} failovers" for r in runs},
+        **{k: spread[k] for k in ("goodput_mean", "goodput_std", "goodput_min", "goodput_max", "updates_lost_total",
+                                  "updates_applied_twice_total", "all_recovered", "coordinator_failovers_min")}}))
     console.print(f"report: {out / 'report.json'}")
     return 0
 

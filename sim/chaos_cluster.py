@@ -34,9 +34,10 @@ from coordinator.store import StateStore, sqlite_store
 from island.job import write_initial_model
 from protos import archipelago_pb2 as pb
 from protos import archipelago_pb2_grpc as pb_grpc
+from sim.fault_schedule import Schedule, draw
 from sim.monitor import RunMonitor
 from sim.run import ProcessGroup, coordinator_telemetry, evaluate_global, island_telemetry
-from sim.run_faults import Fault, RunChaosConfig, RunFaultInjector, schedule
+from sim.run_faults import Fault, RunChaosConfig, RunFaultInjector, durations
 from sim.wan import LinkProxy
 
 START_TIMEOUT_S = 180.0
@@ -73,6 +74,7 @@ class Cluster:
         self.coordinator_starts = 0
         self.done = threading.Event()
         self.finished: dict[str, float] = {}
+        self.spawned: dict[str, float] = {}  # island -> wall time its first process was started
         self.etcd: subprocess.Popen | None = None
         self.etcd_endpoint = ""
         self.etcd_ports: tuple[int, int] = (0, 0)  # client, peer: kept across restarts
@@ -140,11 +142,13 @@ class Cluster:
     def _start_island(self, island: str, name: str) -> None:
         i = list(self.tokens).index(island)
         addresses = ",".join(p.address for p in self.proxies[island])
+        self.spawned.setdefault(island, time.time())
         self.group.start(name, [
             "island", "run", "--preset", str(self.preset_file), "--coordinator", addresses,
             "--island-id", island, "--island-index", str(i), "--num-islands", str(len(self.tokens)),
             "--report", str(self.out / f"{island}.json"),
             "--set", f"diloco.ack_log={json.dumps(str(self.out / 'acks-{island_id}.jsonl'))}",
+            "--set", f"diloco.local_checkpoint_dir={json.dumps(str(self.out / 'local-checkpoints' / '{island_id}'))}",
             *island_telemetry(self.monitor, self.out, island, self.host)],
             env={"ARCHIPELAGO_ISLAND_TOKEN": self.tokens[island]})
         # only now, with the process known: the main thread's waits look it up by these names
@@ -263,29 +267,69 @@ class Cluster:
         n = sum(1 for name in self.group.procs if name.startswith(f"{island}-restart"))
         self._start_island(island, f"{island}-restart{n + 1}")
 
-    def kill_coordinator(self) -> str:
+    def coordinator(self, role: str = "leader") -> tuple[str, int]:
+        """(process name, port) of the leading coordinator, or of one that runs and does not lead."""
         port = self.leader_port()
-        name = next(n for n, p in self.coordinators if p == port)
-        self.version_at_kill = (self.status(port) or {}).get("version", -1)
+        if role == "leader":
+            return next((n, p) for n, p in self.coordinators if p == port)
+        standby = [(n, p) for n, p in self.coordinators if p != port and self.group.procs[n].poll() is None]
+        if not standby:
+            raise RuntimeError("no standby coordinator is running")
+        return standby[0]
+
+    def pid(self, name: str) -> int:
+        return self.group.procs[name].pid
+
+    def kill_coordinator(self, role: str = "leader", probe: bool = True) -> str:
+        """SIGKILL the leader ("failover" with etcd, else "restart": start it again) or a standby;
+        `probe`: ask the leader its version first (`version_at_kill`; not when the moment matters)."""
+        name, port = self.coordinator(role)
+        self.version_at_kill = (self.status(self.leader_port()) or {}).get("version", -1) if probe else None
         self.group.kill(name)
+        if role == "standby":
+            return "standby"
         if self.use_etcd:
             return "failover"
         (self.coord_dir / "address").unlink(missing_ok=True)
         return "restart"
 
+    def wait_commit_writing(self, timeout_s: float) -> str | None:
+        """Wait (bounded) until the leader is writing a commit: a delta file or a checkpoint folder under
+        its temporary name appears in the state directory (the outer step is applied in memory, the store
+        transaction not made yet). The path seen, or None."""
+        folders = [self.coord_dir / "deltas", self.coord_dir / "checkpoints"]
+
+        def temporary() -> set[str]:
+            found = set()
+            for folder in folders:
+                try:
+                    found.update(str(folder / n) for n in os.listdir(folder) if n.startswith(".") and ".tmp-" in n)
+                except FileNotFoundError:
+                    pass
+            return found
+
+        before = temporary()  # left behind by an earlier kill
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.done.is_set():
+            new = temporary() - before
+            if new:
+                return sorted(new)[0]
+            time.sleep(0.002)
+        return None
+
     def restart_coordinator(self, name: str | None = None, port: int | None = None) -> None:
         """Start the coordinator `name` on `port` again (by default the first), on the shared state."""
-        i = 0 if name is None else self.coordinators.index((name, port))
+        i = 0 if name is None else [p for _, p in self.coordinators].index(port)
         name, port = self.coordinators[i]
         restarted = f"{name.split('-restart')[0]}-restart{self.coordinator_starts}"
         self.coordinators[i] = (restarted, port)
         self._start_coordinator(restarted, port)
 
-    def term_coordinator(self) -> dict[str, Any]:
-        """SIGTERM the leader and wait (bounded) for it to exit; with etcd a standby takes over."""
-        port = self.leader_port()
-        name = next(n for n, p in self.coordinators if p == port)
-        self.version_at_kill = (self.status(port) or {}).get("version", -1)
+    def term_coordinator(self, role: str = "leader") -> dict[str, Any]:
+        """SIGTERM the leader (or a standby) and wait (bounded) for it to exit; with etcd a standby takes
+        over."""
+        name, port = self.coordinator(role)
+        self.version_at_kill = (self.status(self.leader_port()) or {}).get("version", -1)
         proc = self.group.procs[name]
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -294,7 +338,8 @@ class Cluster:
             code = kill_group(proc)
         if not self.use_etcd:
             (self.coord_dir / "address").unlink(missing_ok=True)
-        return {"mode": "handover" if self.use_etcd else "restart", "name": name, "port": port, "exit_status": code}
+        mode = "standby" if role == "standby" else "handover" if self.use_etcd else "restart"
+        return {"mode": mode, "name": name, "port": port, "exit_status": code}
 
     def kill_etcd(self) -> None:
         if self.etcd is not None:
@@ -340,20 +385,22 @@ class Cluster:
 def injected(faults: list[Fault]) -> list[str]:
     """The faults injected so far, as the live view prints them (a corruption is only armed: it hits
     the next large segment the island's link carries up, if one comes)."""
-    return [f"{f.kind} on {f.target} at {f.injected_at_s:.1f}s" + (" (armed for the next push)" if f.kind == "corrupt"
-                                                                    else "")
+    return [f"{f.kind} on {', '.join(f.targets)} at {f.injected_at_s:.1f}s"
+            + (" (armed for the next push)" if f.kind == "corrupt" else "")
             for f in faults if f.injected_at_s is not None]
 
 
 def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: bool,
-                expected_s: float | None, monitor: RunMonitor | None = None) -> dict[str, Any]:
-    """One run: with a fault schedule when `expected_s` is given, else fault-free."""
+                expected_s: float | None, monitor: RunMonitor | None = None,
+                schedule: Schedule | None = None) -> dict[str, Any]:
+    """One run: under `schedule`, drawn against `expected_s`, when both are given, else fault-free."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("acks-*.jsonl"):
         old.unlink()
     cluster = Cluster(cfg, out, preset_file, use_etcd, monitor)
     injector = None
-    faults = schedule(cfg.faults, cfg.train.seed, cfg.sim.islands, expected_s) if expected_s else []
+    faults = (draw(schedule, cfg.train.seed, cfg.sim.islands, expected_s, durations(cfg.faults, expected_s))
+              if expected_s and schedule is not None else [])
     try:
         cluster.start()
         if monitor is not None:
@@ -388,4 +435,5 @@ def run_cluster(cfg: RunChaosConfig, out: Path, preset_file: Path, use_etcd: boo
             "versions": versions, "events": events, "final_status": final, "eval_loss": eval_loss,
             "final_version": version, "faults": injector.report() if injector else [],
             "stopped": injector.stopped if injector else {}, "injector_errors": injector.errors if injector else [],
+            "fault_objects": faults, "spawned": cluster.spawned,
             "links": links, "logs": logs, "cluster": cluster}

@@ -22,8 +22,9 @@ partition, a corrupted all-reduce payload that fails its checksum) stalls every 
 job restarts from its last checkpoint, which loses the steps since that checkpoint and costs the
 restart time (measured here: the time from killing an island to its replacement's first step); a
 SIGTERM of the coordinator counts as such a failure too, while etcd faults do not stop a running
-data-parallel job (its rendezvous store matters only when it restarts) and count for nothing. A
-partition stalls the job for its duration before the restart. A 5× straggler sets the pace of every
+data-parallel job (its rendezvous store matters only when it restarts) and count for nothing, nor
+do faults of a standby coordinator (data parallel has none). A partition, and a paused coordinator
+(its master, SIGSTOPped), stall the job for their duration before the restart. A 5× straggler sets the pace of every
 worker while it is slow. Checkpoints are taken every `checkpoint_every_s` of progress (by default
 one outer round's worth of steps, the cadence at which the coordinator makes its state durable),
 for free; the all-reduce itself is free too. Both choices favour the baseline. Its goodput is the
@@ -63,7 +64,8 @@ def accounting(run: dict[str, Any]) -> dict[str, Any]:
 def breakdown(run: dict[str, Any], useful: float, available: float) -> dict[str, float]:
     """Where the island-seconds that did not reach the global model went (seconds):
 
-        killed_work_s   a killed process's training since its last acknowledged push (or its start)
+        killed_work_s   a killed process's training since its last acknowledged push, or its start, or
+                        the local checkpoint its replacement resumed from (island/local_checkpoint.py)
         restart_s       from a kill to the replacement's start (registered, θ_b pulled)
         stopped_s       SIGSTOPped time of the slowed island
         not_applied_s   compute of pushes that were acknowledged but not applied, or dropped as stale
@@ -73,15 +75,19 @@ def breakdown(run: dict[str, Any], useful: float, available: float) -> dict[str,
     for f in run.get("faults", []):
         if f["kind"] != "kill_island" or f["injected_at_s"] is None:
             continue
-        killed_at, acks = f["detail"]["killed_at"], run["acks"].get(f["target"], [])
-        before = [a for a in acks if a["t"] <= killed_at]
-        if before:
-            pid = before[-1]["pid"]
-            marks = [a["synced_at"] if a["event"] == "push" else a["t"] for a in before
-                     if a["pid"] == pid and a["event"] in ("push", "start")]
-            killed_work += max(0.0, killed_at - max(marks)) if marks else 0.0
-        replacement = start_after(acks, killed_at)
-        restart += replacement["t"] - killed_at if replacement else 0.0
+        killed_at = f["detail"]["killed_at"]
+        for island in [f["target"]] if isinstance(f["target"], str) else f["target"]:
+            acks = run["acks"].get(island, [])
+            before = [a for a in acks if a["t"] <= killed_at]
+            replacement = start_after(acks, killed_at)
+            resumed = (replacement or {}).get("resumed_from")
+            if before:
+                pid = before[-1]["pid"]
+                marks = [a["synced_at"] if a["event"] == "push" else a["t"] for a in before
+                         if a["pid"] == pid and a["event"] in ("push", "start")]
+                marks += [resumed["captured_at"]] if resumed else []
+                killed_work += max(0.0, killed_at - max(marks)) if marks else 0.0
+            restart += replacement["t"] - killed_at if replacement else 0.0
     stopped = sum(b - a for intervals in run.get("stopped", {}).values() for a, b in intervals)
     not_applied = sum(a["compute_s"] for acks in run["acks"].values() for a in acks
                       if (a["event"] == "push" and (a["island"], a["round"], a["fragment"]) not in run["applied"])
@@ -104,12 +110,13 @@ def dp_goodput(faults: list[dict[str, Any]], wall_s: float, restart_s: float,
     """
     events: list[tuple[float, str, float]] = []  # (time, kind, duration)
     for f in faults:
-        if f["injected_at_s"] is None or f["kind"] in ETCD_KINDS:
+        # etcd faults stop no running job; nothing stands for a standby coordinator in data parallel
+        if f["injected_at_s"] is None or f["kind"] in ETCD_KINDS or f.get("target") == "standby":
             continue
         if f["kind"] == "slow":
             events.append((f["injected_at_s"], "slow", f["duration_s"]))
         else:
-            stall = f["duration_s"] if f["kind"] == "partition" else 0.0
+            stall = f["duration_s"] if f["kind"] in ("partition", "pause_coordinator") else 0.0
             events.append((f["injected_at_s"], "fail", stall))
     events.sort()
     t = progress = checkpointed = 0.0

@@ -409,6 +409,10 @@ def law_line(predicted: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--failures" in argv:  # goodput under failures at cluster scale (sim/failures.py)
+        from sim.failures import main as failures_main
+
+        return failures_main([a for a in argv if a != "--failures"])
     args = parser().parse_args(argv)
     if args.validate and not args.preset:
         raise ConfigError("plan: --validate needs --preset (the simulation to run)")

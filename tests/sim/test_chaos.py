@@ -2,6 +2,8 @@
 by PID when it ends; every wait in it is bounded (`sim.timeout_s`, `chaos.timeout_s`).
 
 - faults across islands and the coordinator (`--preset ci`): the whole seeded schedule on a small model;
+- a schedule file (configs/faults-two-kills-zombie.toml, with etcd): two islands killed at once, each
+  resuming from its local checkpoint, and a leader paused past its lease, which wakes as a zombie;
 - faults inside an island (`--preset island-ci`): one island of 2 replica groups × 2 ranks (FSDP2 +
   expert parallel), a real coordinator, a real SIGKILL of one rank, a restart through the island gateway.
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
 from sim import chaos
+from sim.fault_schedule import load_schedule
 from sim.run_faults import load_config
 from tests.conftest import SMALL
 
@@ -40,6 +44,30 @@ def test_a_short_chaos_run_loses_nothing_and_recovers(data_cache, tmp_path):
                 "updates_applied_twice", "coordinator_failovers", "final_eval_loss", "fault_free_eval_loss",
                 "loss_gap_vs_fault_free", "seed", "config", "versions"):
         assert key in report
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+@pytest.mark.etcd
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="no etcd binary on PATH (apt-get install -y etcd-server)")
+def test_two_islands_killed_at_once_resume_and_a_woken_leader_is_refused(data_cache, tmp_path):
+    cfg = load_config("ci", SMALL_RUN + [f"data.cache_dir={data_cache}", "diloco.local_checkpoint_every=3"])
+    schedule = load_schedule("faults-two-kills-zombie")
+    report = chaos.simulate_chaos(cfg, tmp_path / "chaos", "test", schedule=schedule)
+    assert report["updates_lost"] == 0 and report["updates_applied_twice"] == 0
+    kill, pause = report["faults"]
+    assert kill["target"] == ["island-0", "island-1"] and kill["recovered"], kill
+    # each replacement resumes from its local checkpoint, unless the coordinator holds a push made after
+    # it (a kill in the step or two between a push's answer and the next checkpoint): then it says so
+    logs = "".join(p.read_text() for p in (tmp_path / "chaos" / "chaos").glob("island-*-restart*.log"))
+    resumed = [i["resumed_from"] for i in kill["detail"]["islands"].values()]
+    assert any(resumed) and (all(resumed) or "not resuming from local checkpoint" in logs), kill["detail"]
+    assert kill["recovered_at_s"] > kill["injected_at_s"]
+    zombie = pause["detail"]["zombie"]
+    assert pause["recovered"] and pause["detail"]["takeover_s"] < zombie["woke_after_s"], pause["detail"]
+    assert zombie["lease_lapsed_before_wake"] and zombie["commits_after_wake"] == 0
+    assert zombie["pushes_accepted_after_wake"] == 0 and zombie["stepped_down_after_wake_s"] is not None
+    assert report["coordinator_failovers"] == 1
 
 
 @pytest.mark.slow

@@ -64,3 +64,23 @@ def test_the_breakdown_charges_a_kill_its_work_in_flight_and_its_restart():
     parts = acc["goodput_breakdown"]
     assert parts["killed_work_s"] == 3.0 and parts["restart_s"] == 5.0
     assert parts["other_s"] == pytest.approx(17.0 - 8.0 - 3.0 - 5.0)
+
+
+def test_a_kill_costs_only_the_work_since_the_local_checkpoint_its_replacement_resumed_from():
+    def push(pid, round_, synced_at, compute_s=4.0):
+        return {"event": "push", "island": "island-0", "pid": pid, "round": round_, "fragment": 0,
+                "compute_s": compute_s, "synced_at": synced_at, "t": synced_at + 0.1}
+
+    acks = [{"event": "start", "island": "island-0", "pid": 1, "t": 100.0}, push(1, 0, 104.0),
+            {"event": "checkpoint", "island": "island-0", "pid": 1, "t": 106.2, "step": 15, "captured_at": 106.0},
+            # killed at 107.0, resumed from the checkpoint of 106.0: 1 s of work lost, not 3
+            {"event": "start", "island": "island-0", "pid": 2, "t": 112.0,
+             "resumed_from": {"step": 15, "captured_at": 106.0}},
+            push(2, 1, 114.0)]
+    run = {"acks": {"island-0": acks}, "applied": {("island-0", 0, 0), ("island-0", 1, 0)},
+           "versions": [(1, {"keys": [["island-0", 0, 0]]}), (2, {"keys": [["island-0", 1, 0]]})],
+           "stopped": {}, "t_start": 100.0, "finished": {"island-0": 115.0},
+           "faults": [{"kind": "kill_island", "target": ["island-0"], "injected_at_s": 7.0,
+                       "detail": {"killed_at": 107.0}}]}
+    parts = accounting(run)["goodput_breakdown"]
+    assert parts["killed_work_s"] == 1.0 and parts["restart_s"] == 5.0
