@@ -2,7 +2,7 @@
 
 Wire layout of one payload::
 
-    header (msgpack map)                        body (bytes)
+    header (msgpack map, zstd-framed if shorter) body (bytes)
     {"format": 1, "scheme": "int8-block",       zstd( part0 | part1 | ... )  # one frame
      "tensors": [{"name", "shape", "dtype",
                   "parts": [{"key", "dtype",     parts are little-endian arrays laid out
@@ -102,7 +102,10 @@ class Payload:
     body: bytes
 
     def header_bytes(self) -> bytes:
-        return msgpack.packb(self.header, use_bin_type=True)
+        """The header on the wire: msgpack, zstd-compressed when that makes it shorter (a header
+        repeats tensor names and part keys, so it shrinks about tenfold; it matters where the body
+        is small, as for a sparse scheme on a small model)."""
+        return pack_header(self.header)
 
     @classmethod
     def from_header_bytes(cls, data: bytes, body: bytes) -> Payload:
@@ -158,13 +161,41 @@ def _layout(scheme: Scheme, numel: int) -> tuple[tuple[str, PartSpec], ...]:
     return tuple(scheme.layout(numel).items())
 
 
+_HEADER_ZSTD_MIN = 512  # a shorter msgpack header goes as it is
+_HEADER_ZSTD = zstandard.ZstdCompressor(level=3)  # deterministic: the same header, the same bytes
+_ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # no msgpack map begins with 0x28
+
+
+def pack_header(header: Mapping[str, Any]) -> bytes:
+    """msgpack of ``header``, as a zstd frame when that is shorter (see `Payload.header_bytes`)."""
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) < _HEADER_ZSTD_MIN:
+        return packed
+    squeezed = _HEADER_ZSTD.compress(packed)
+    return squeezed if len(squeezed) < len(packed) else packed
+
+
+def _unpack_header_frame(data: bytes) -> bytes:
+    """A zstd-framed header → its msgpack bytes, reading at most MAX_HEADER_BYTES + 1 of them."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            out = reader.read(MAX_HEADER_BYTES + 1)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"header is not a valid zstd frame: {e}") from None
+    if len(out) > MAX_HEADER_BYTES:
+        raise CodecError(f"header decompresses past MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    return out
+
+
 def parse_header(
     data: bytes, *, max_raw_bytes: int = MAX_RAW_BYTES, max_decoded_bytes: int = MAX_DECODED_BYTES
 ) -> dict[str, Any]:
-    """msgpack bytes → validated header dict, before any body arrives (its body_len bounds
-    `join_chunks`); CodecError if malformed or over the caps."""
+    """msgpack bytes (or a zstd frame of them) → validated header dict, before any body arrives
+    (its body_len bounds `join_chunks`); CodecError if malformed or over the caps."""
     if len(data) > MAX_HEADER_BYTES:
         raise CodecError(f"header is {len(data)} bytes, over MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    if bytes(data[:4]) == _ZSTD_FRAME_MAGIC:
+        data = _unpack_header_frame(bytes(data))
     try:
         header = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:

@@ -2,15 +2,16 @@
 (Sarfi et al., arXiv 2508.15706).
 
 A tensor is cut into chunks of ``chunk`` consecutive values (the last one shorter); of every chunk
-the ``k`` values of largest magnitude are kept (all of a chunk shorter than ``k``), so every region
-of every tensor keeps sending. Each kept value is coded at ``bits`` bits on one fp32 scale per
+the ``k`` values of largest magnitude are kept (of a shorter last chunk, the same share rounded up:
+⌈k·length/chunk⌉, at least one, so a 64-value norm sends 1 of its values at 64 of 4,096, not all
+64), so every region of every tensor keeps sending at the same density. Each kept value is coded at ``bits`` bits on one fp32 scale per
 chunk, the chunk's largest kept magnitude: 2^bits levels evenly spaced over [-scale, scale], no
 zero level (a kept value is never small for its chunk). Its position in the chunk is packed at
 log2(chunk) bits (12 for 4,096). SparseLoCo tiles a 2-D tensor 64 × 64; chunks here run along the
 flattened tensor, the same count per chunk.
 
 Parts: ``scales`` fp32 [chunks], ``indices`` uint8 (K positions × log2(chunk) bits, packed little
-end first), ``values`` uint8 (K codes × bits), with K = Σ over chunks of min(k, chunk length):
+end first), ``values`` uint8 (K codes × bits), with K = Σ over chunks of the values kept:
 a pure function of numel, so a header is checked before its body arrives. Within a chunk the
 positions are strictly increasing; a body that breaks that (a repeat, a position past the chunk)
 is refused.
@@ -51,14 +52,18 @@ class ChunkTopK(Scheme):
 
     # ---- layout ----
 
+    def tail_k(self, tail: int) -> int:
+        """Values kept of a last chunk of ``tail`` < chunk values: the same density, at least one."""
+        return max(1, -(-self.k * tail // self.chunk)) if tail else 0
+
     def counts(self, numel: int) -> list[int]:
-        """Values kept per chunk: k, and min(k, length) for a shorter last chunk."""
+        """Values kept per chunk: k, and `tail_k` for a shorter last chunk."""
         full, tail = divmod(numel, self.chunk)
-        return [self.k] * full + ([min(self.k, tail)] if tail else [])
+        return [self.k] * full + ([self.tail_k(tail)] if tail else [])
 
     def kept(self, numel: int) -> int:
         full, tail = divmod(numel, self.chunk)
-        return full * self.k + min(self.k, tail)
+        return full * self.k + self.tail_k(tail)
 
     def layout(self, numel: int) -> dict[str, PartSpec]:
         kept = self.kept(numel)
@@ -87,7 +92,7 @@ class ChunkTopK(Scheme):
             out.append((order + base).reshape(-1))
         if numel > full:
             a = x[full:].abs()
-            order = torch.sort(a, descending=True, stable=True).indices[: self.k]
+            order = torch.sort(a, descending=True, stable=True).indices[: self.tail_k(numel - full)]
             out.append(torch.sort(order).values + full)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 

@@ -245,6 +245,24 @@ def test_caps_are_overridable_and_headers_bounded(monkeypatch: pytest.MonkeyPatc
         Payload.from_header_bytes(p.header_bytes(), p.body)
 
 
+def test_a_long_header_travels_as_a_zstd_frame_and_a_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    ts = {f"layers.{i}.attention.wq.weight": sample((8, 8), i) for i in range(40)}
+    p = encode(ts, "int8-block")
+    wire = p.header_bytes()
+    packed = msgpack.packb(p.header, use_bin_type=True)
+    assert wire[:4] == b"\x28\xb5\x2f\xfd" and len(wire) * 4 < len(packed)
+    assert Payload.from_header_bytes(wire, p.body).header == p.header
+    assert Payload.from_header_bytes(packed, p.body).header == p.header  # a plain msgpack header still reads
+    short = small_payload()
+    assert short.header_bytes() == msgpack.packb(short.header, use_bin_type=True)  # too short to pay
+    with pytest.raises(CodecError, match="header is not valid"):
+        Payload.from_header_bytes(wire[:4] + b"\x00" * 20, b"")
+    monkeypatch.setattr(codec, "MAX_HEADER_BYTES", 1 << 16)
+    bomb = zstandard.ZstdCompressor().compress(b"\x00" * (1 << 20))  # 1 MiB of zeros in a few bytes
+    with pytest.raises(CodecError, match="decompresses past MAX_HEADER_BYTES"):
+        Payload.from_header_bytes(bomb, b"")
+
+
 def test_lying_bodies_with_valid_sha_are_rejected() -> None:
     """An attacker controls header and body, so the sha proves nothing; sizes still hold."""
     p = small_payload("topk+int8")

@@ -40,10 +40,17 @@ def test_it_keeps_exactly_the_k_largest_of_every_chunk_ties_to_the_lower_positio
     want = []
     for start in range(0, numel, 64):
         a = x[start:start + 64].abs().tolist()
-        order = sorted(range(len(a)), key=lambda i: (-a[i], i))[:k]  # ties: lower position first
+        share = k if len(a) == 64 else max(1, -(-k * len(a) // 64))  # a short last chunk: the same density
+        order = sorted(range(len(a)), key=lambda i: (-a[i], i))[:share]  # ties: lower position first
         want += sorted(start + i for i in order)
     assert kept.tolist() == want
     assert torch.equal(scheme.select(x), kept)  # deterministic
+
+
+def test_a_short_tensor_sends_at_the_same_density_as_a_long_one():
+    scheme = get_scheme(NAME)  # 64 of 4,096
+    assert scheme.counts(64) == [1] and scheme.counts(2048) == [32] and scheme.counts(4096 + 100) == [64, 2]
+    assert scheme.kept(1) == 1 and scheme.kept(3 * 4096) == 3 * 64
 
 
 @settings(max_examples=40, deadline=None)
@@ -88,9 +95,9 @@ def test_a_repeated_or_out_of_range_position_is_refused_naming_it():
         decode(crafted([1, 5, 5, 9]), spec)
     with pytest.raises(CodecError, match="strictly increase; position 2 follows 9"):
         decode(crafted([1, 9, 2, 30]), spec)
-    short = [TensorSpec("x", (1000,), "float32")]
-    with pytest.raises(CodecError, match="position 1000, past its 1000 values"):
-        decode(crafted([1, 2, 3, 1000], numel=1000), short)
+    short = [TensorSpec("x", (3000,), "float32")]  # 3 of its values kept, as ⌈4·3000/4096⌉
+    with pytest.raises(CodecError, match="position 3000, past its 3000 values"):
+        decode(crafted([1, 2, 3000], numel=3000), short)
     with pytest.raises(CodecError, match="cannot pack"):
         pack(np.array([4096]), 12)
 
