@@ -162,7 +162,7 @@ def _layout(scheme: Scheme, numel: int) -> tuple[tuple[str, PartSpec], ...]:
 
 
 _HEADER_ZSTD_MIN = 512  # a shorter msgpack header goes as it is
-_HEADER_ZSTD = zstandard.ZstdCompressor(level=3)  # deterministic: the same header, the same bytes
+_HEADER_ZSTD = threading.local()  # a ZstdCompressor per thread: one must not be used by two at once
 _ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # no msgpack map begins with 0x28
 
 
@@ -171,7 +171,10 @@ def pack_header(header: Mapping[str, Any]) -> bytes:
     packed = msgpack.packb(header, use_bin_type=True)
     if len(packed) < _HEADER_ZSTD_MIN:
         return packed
-    squeezed = _HEADER_ZSTD.compress(packed)
+    compressor = getattr(_HEADER_ZSTD, "compressor", None)
+    if compressor is None:  # level 3, deterministic: the same header gives the same bytes
+        compressor = _HEADER_ZSTD.compressor = zstandard.ZstdCompressor(level=3)
+    squeezed = compressor.compress(packed)
     return squeezed if len(squeezed) < len(packed) else packed
 
 

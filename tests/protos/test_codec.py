@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -261,6 +262,16 @@ def test_a_long_header_travels_as_a_zstd_frame_and_a_bomb_is_refused(monkeypatch
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (1 << 20))  # 1 MiB of zeros in a few bytes
     with pytest.raises(CodecError, match="decompresses past MAX_HEADER_BYTES"):
         Payload.from_header_bytes(bomb, b"")
+
+
+def test_headers_compress_from_many_threads_at_once() -> None:
+    """One zstd compressor must not serve two threads at once (it crashed the process)."""
+    ts = {f"layers.{i}.attention.wq.weight": sample((8, 8), i) for i in range(40)}
+    p = encode(ts, "int8-block")
+    want = p.header_bytes()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: p.header_bytes(), range(400)))
+    assert all(g == want for g in got)
 
 
 def test_lying_bodies_with_valid_sha_are_rejected() -> None:
