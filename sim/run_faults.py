@@ -123,7 +123,8 @@ class RunFaultInjector:
     def _run(self, fault: Fault) -> None:
         if not self._sleep_until(fault.at_s):
             return
-        fault.injected_at_s = self.now()
+        if not (fault.kind == "kill_coordinator" and fault.when == "merging"):  # that one: when the commit begins
+            fault.injected_at_s = self.now()
         try:
             self._inject(fault)
         except Exception as exc:  # recorded in the report; the run goes on

@@ -13,6 +13,7 @@ import pytest
 
 from archipelago.config import ConfigError
 from archipelago.procs import kill_group
+from sim.chaos_cluster import injected
 from sim.fault_schedule import check, draw, dump, load_schedule, parse_schedule
 from sim.run_faults import Fault, FaultsSection, RunFaultInjector, durations, load_config
 
@@ -172,6 +173,8 @@ def test_several_islands_die_together_and_a_kill_can_wait_for_a_commit():
                              "wait commit", "kill leader probe=False",  # no status call between the two
                              "kill standby probe=True", "restart coordinator-b"]
     assert faults[1].detail["writing"].endswith(".v00000007.tmp-123") and faults[1].detail["mode"] == "failover"
+    # a kill timed to a commit is injected once, when the commit began (the live view prints it once)
+    assert len(injected(faults)) == 3 and faults[1].injected_at_s >= 0.3
 
 
 def test_a_paused_coordinator_is_woken_after_its_duration():
