@@ -240,8 +240,6 @@ def poisson_kills(rng: random.Random, islands: int, mtbf_s: float, expected_s: f
 
 
 def validate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from sim.chaos_cluster import run_cluster
     from sim.fault_schedule import FaultSpec, Schedule
     from sim.goodput import accounting, step_seconds
@@ -273,7 +271,8 @@ def validate(args: argparse.Namespace) -> int:
                 "restart_s": cfg.faults.restart_after_s, "rejoin_s": statistics.median(starts),
                 "checkpoint_every_s": cfg.diloco.local_checkpoint_every * step_s,
                 "detect_s": cfg.coordinator.lease_ttl_s, "base_goodput": clean_acc["goodput"]}
-    plan = build_input(replace(args, islands=None, accelerators=None, replica_groups=1), **measured)
+    plan = build_input(argparse.Namespace(**{**vars(args), "islands": None, "accelerators": None,
+                                             "replica_groups": 1}), **measured)
     rng = random.Random(cfg.train.seed if args.seed is None else args.seed)
     kills = poisson_kills(rng, cfg.sim.islands, plan.mtbf_s, clean_acc["wall_s"], plan.restart_s, plan.rejoin_s)
     schedule = Schedule([FaultSpec("kill_island", at_s=t, targets=[island], duration_s=plan.restart_s)
