@@ -117,7 +117,7 @@ def simulate_chaos(cfg: RunChaosConfig, out: Path, preset_label: str,
     """The run without faults, then under `schedule` (default: the preset's faults.schedule)."""
     schedule = schedule or load_schedule(cfg.faults.schedule)
     use_etcd = cfg.use_etcd
-    check(schedule, cfg.sim.islands, use_etcd)
+    check(schedule, cfg.sim.islands, use_etcd, cfg.diloco.local_checkpoint_every > 0)
     out.mkdir(parents=True, exist_ok=True)
     open_dataset(cfg.data)
     bound_push_tokens(cfg)
@@ -224,7 +224,7 @@ def run_chaos(args: argparse.Namespace) -> int:
     """`archipelago chaos` for the presets `handles` accepts (a `[faults]` table), or `--faults FILE`."""
     cfg = load_config(args.preset, args.overrides)
     schedule = load_schedule(args.faults or cfg.faults.schedule)
-    check(schedule, cfg.sim.islands, cfg.use_etcd)
+    check(schedule, cfg.sim.islands, cfg.use_etcd, cfg.diloco.local_checkpoint_every > 0)
     out = Path(args.report)
     if args.seeds:
         return run_seeds(args, cfg, schedule, out)

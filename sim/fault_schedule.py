@@ -10,7 +10,7 @@ configs/faults-two-kills-zombie.toml are examples):
     at = "15%"                 # "N%" of the expected run (the fault-free run's time), or seconds
     target = "drawn-1"         # see below; the default depends on the kind
     duration = 1.0             # seconds (or "N%"); the default is the kind's [faults] setting
-    # when = "merging"         # kill_coordinator only: at the leader's next commit (see below)
+    # when = "merging"         # kill_coordinator: at the leader's next commit; kill_island: "checkpointed"
 
 Targets: an island ("island-2"), several (["island-0", "island-1"]: hit at the same moment), an
 island drawn with the run's seed ("drawn-1", "drawn-2", …: distinct islands, the same name the same
@@ -25,6 +25,9 @@ takes over, and the paused one wakes as a zombie whose lease is gone).
 `when = "merging"` times a kill_coordinator to a phase: from `at` on, the injector watches the
 leader's state directory and kills it as soon as it is writing a commit (the outer step applied in
 memory, its delta or checkpoint under a temporary name, the store transaction not made yet).
+`when = "checkpointed"` holds a kill_island from `at` on until every island it kills has written a
+local checkpoint (`diloco.local_checkpoint_every`) since it started, so that a schedule meant to
+test resuming from one cannot land before the first is on disk.
 
 Drawing a schedule (`draw`) turns fractions into seconds, applies the jitter and picks the drawn
 islands, all from one `random.Random(seed)`: the islands first, then each fault's jitter in file
@@ -49,7 +52,7 @@ ISLAND_KINDS = ("kill_island", "partition", "slow", "corrupt")
 COORDINATOR_KINDS = ("kill_coordinator", "pause_coordinator", "term_coordinator", "cut_leader_etcd")
 ETCD_KINDS = ("kill_etcd", "etcd_outage", "cut_leader_etcd")
 NEEDS_ETCD = ETCD_KINDS + ("pause_coordinator",)  # a paused leader is a zombie only where a standby takes over
-WHEN = ("merging",)
+WHEN = {"kill_coordinator": ("merging",), "kill_island": ("checkpointed",)}
 ROLES = ("leader", "standby")
 
 
@@ -74,7 +77,7 @@ class Fault:
     at_s: float  # seconds after the run's training started
     target: str | list[str]  # "island-I", several islands, "leader", "standby" or "etcd"
     duration_s: float = 0.0
-    when: str = ""  # kill_coordinator: "merging", at the leader's next commit
+    when: str = ""  # kill_coordinator: "merging", at the leader's next commit; kill_island: "checkpointed"
     injected_at_s: float | None = None
     ended_at_s: float | None = None  # restart / heal / link restored
     recovered: bool = False
@@ -170,8 +173,10 @@ def parse_schedule(table: dict[str, Any], source: str) -> Schedule:
         if "duration" in entry:
             duration_s, duration_fraction = _time(entry["duration"], f"{where}.duration")
         when = entry.get("when", "")
-        if when and (kind != "kill_coordinator" or when not in WHEN):
-            raise ConfigError(f"{where}: `when` is for kill_coordinator only, and one of {WHEN}; got {when!r}")
+        if when and when not in WHEN.get(kind, ()):
+            allowed = "; ".join(f"{k}: {', '.join(v)}" for k, v in WHEN.items())
+            raise ConfigError(f"{where}: `when` is for {' and '.join(WHEN)} only ({allowed}); got {when!r} "
+                              f"for {kind}")
         faults.append(FaultSpec(kind, at_s, at_fraction, _targets(kind, entry.get("target"), where), duration_s,
                                 duration_fraction, when))
     return Schedule(faults, jitter, source)
@@ -194,8 +199,9 @@ def load_schedule(name: str) -> Schedule:
     return parse_schedule(table, str(path))
 
 
-def check(schedule: Schedule, islands: int, etcd: bool) -> None:
-    """What a schedule needs of the run: islands that exist, etcd (a standby) where it says so."""
+def check(schedule: Schedule, islands: int, etcd: bool, local_checkpoints: bool = True) -> None:
+    """What a schedule needs of the run: islands that exist, etcd (a standby) where it says so, local
+    checkpoints where a kill waits for one."""
     for i, spec in enumerate(schedule.faults):
         where = f"fault schedule {schedule.source}: fault {i + 1} ({spec.kind})"
         for t in spec.targets:
@@ -206,6 +212,9 @@ def check(schedule: Schedule, islands: int, etcd: bool) -> None:
         if not etcd and (spec.kind in NEEDS_ETCD or "standby" in spec.targets):
             raise ConfigError(f"{where} needs a standby coordinator on etcd: faults.failover = etcd (or auto with "
                               "an etcd binary on PATH)")
+        if spec.when == "checkpointed" and not local_checkpoints:
+            raise ConfigError(f"{where}: when = \"checkpointed\" waits for a local checkpoint, and the run takes "
+                              "none: set diloco.local_checkpoint_every")
 
 
 def draw(schedule: Schedule, seed: int, islands: int, expected_s: float, durations: dict[str, float]) -> list[Fault]:

@@ -6,7 +6,8 @@ The schedule is a file (sim/fault_schedule.py: `faults.schedule` names the prese
 the expected run time (the fault-free run's). Each fault starts at its time on a thread of its own,
 so faults may overlap (two islands killed at once, a coordinator paused while an island is down).
 
-    kill_island        SIGKILL the islands' process groups; start them again `duration` later
+    kill_island        SIGKILL the islands' process groups; start them again `duration` later; with
+                       `when = "checkpointed"`, once each has written a local checkpoint
     kill_coordinator   SIGKILL the leader (or the standby): a standby takes over (etcd), or, without
                        etcd, it is started again on its state directory after `duration`; with
                        `when = "merging"`, at the leader's next commit (its files being written)
@@ -46,7 +47,7 @@ from sim.run import SimConfig
 # kinds after which another coordinator leads (with etcd) or the coordinator came back on its state
 FAILOVER_KINDS = ("kill_coordinator", "cut_leader_etcd", "term_coordinator", "pause_coordinator")
 SLOW_FACTOR = 5
-MERGE_WAIT_S = 120.0  # how long a kill timed to a commit waits for one
+MERGE_WAIT_S = 120.0  # how long a kill timed to a commit (or to a local checkpoint) waits for one
 __all__ = ["ETCD_KINDS", "FAILOVER_KINDS", "KINDS", "SLOW_FACTOR", "Fault", "FaultsSection", "RunChaosConfig",
            "RunFaultInjector", "durations", "handles", "load_config", "start_after"]
 
@@ -123,7 +124,7 @@ class RunFaultInjector:
     def _run(self, fault: Fault) -> None:
         if not self._sleep_until(fault.at_s):
             return
-        if not (fault.kind == "kill_coordinator" and fault.when == "merging"):  # that one: when the commit begins
+        if not fault.when:  # those with a `when`: once what they wait for happened
             fault.injected_at_s = self.now()
         try:
             self._inject(fault)
@@ -133,13 +134,38 @@ class RunFaultInjector:
         if fault.injected_at_s is not None:
             fault.ended_at_s = self.now()
 
+    def _wait_checkpointed(self, islands: list[str], timeout_s: float) -> dict[str, int] | None:
+        """Wait (bounded) until each of `islands` has logged a local checkpoint written by its current
+        process (after its last start); the step of each island's newest, or None at the deadline or
+        when the run ends first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            steps: dict[str, int] = {}
+            for island in islands:
+                events = self.cluster.acks(island)
+                starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+                written = [e["step"] for e in events[starts[-1] if starts else 0:] if e["event"] == "checkpoint"]
+                if written:
+                    steps[island] = written[-1]
+            if len(steps) == len(islands):
+                return steps
+            if time.monotonic() > deadline or self.cluster.done.wait(0.05):
+                return None
+
     def _inject(self, fault: Fault) -> None:
         c, d = self.cluster, fault.detail
         if fault.kind == "kill_island":
+            if fault.when == "checkpointed":
+                d["checkpointed"] = self._wait_checkpointed(fault.targets, MERGE_WAIT_S)
             gone = [i for i in fault.targets if i in c.finished or i in c.down]
             if gone:  # finished its run, or down from another fault: nothing to kill
                 fault.injected_at_s, d["skipped"] = None, f"{', '.join(gone)} finished or already down"
                 return
+            if fault.when == "checkpointed":
+                if d["checkpointed"] is None:
+                    raise TimeoutError(f"{', '.join(fault.targets)} wrote no local checkpoint within "
+                                       f"{MERGE_WAIT_S:.0f}s of the fault's time")
+                fault.injected_at_s = self.now()
             d["killed_at"] = time.time()
             for island in fault.targets:
                 c.kill_island(island)

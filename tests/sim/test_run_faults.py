@@ -67,8 +67,9 @@ def test_a_schedule_file_takes_seconds_percentages_several_targets_and_phases(tm
     ('kind = "kill_island"\nat = -3', ">= 0"),
     ('kind = "kill_island"\nat = 1\ntarget = "leader"', "hits islands"),
     ('kind = "pause_coordinator"\nat = 1\ntarget = "island-1"', '"leader" or "standby"'),
-    ('kind = "kill_island"\nat = 1\nwhen = "merging"', "kill_coordinator only"),
-    ('kind = "kill_coordinator"\nat = 1\nwhen = "lunch"', "kill_coordinator only"),
+    ('kind = "kill_island"\nat = 1\nwhen = "merging"', "kill_island: checkpointed"),
+    ('kind = "kill_coordinator"\nat = 1\nwhen = "lunch"', "kill_coordinator: merging"),
+    ('kind = "partition"\nat = 1\nwhen = "checkpointed"', "got 'checkpointed' for partition"),
     ('kind = "kill_island"\nat = 1\nafter = 2', "unknown key"),
     ('kind = "partition"\nat = 1\ntarget = ["island-1", "island-1"]', "twice"),
 ])
@@ -100,6 +101,10 @@ class FakeCluster:
         self.version_at_kill = 4
         self.finished: dict[str, float] = {}
         self.down: set[str] = set()
+        self.events: dict[str, list[dict]] = {}
+
+    def acks(self, island: str) -> list[dict]:
+        return list(self.events.get(island, []))
 
     def partition(self, on: bool, drop: bool = False) -> None:
         self.calls.append(f"partition {on} drop={drop}")
@@ -175,6 +180,36 @@ def test_several_islands_die_together_and_a_kill_can_wait_for_a_commit():
     assert faults[1].detail["writing"].endswith(".v00000007.tmp-123") and faults[1].detail["mode"] == "failover"
     # a kill timed to a commit is injected once, when the commit began (the live view prints it once)
     assert len(injected(faults)) == 3 and faults[1].injected_at_s >= 0.3
+
+
+def test_a_kill_can_wait_until_the_islands_have_written_a_local_checkpoint():
+    cluster = FakeCluster()
+    start = {"event": "start"}
+    # island-0's checkpoint is its previous process's (before its last start): it does not count
+    cluster.events = {"island-0": [start, {"event": "checkpoint", "step": 3}, start], "island-1": [start]}
+    fault = Fault("kill_island", 0.0, ["island-0", "island-1"], 0.0, when="checkpointed")
+
+    def write_checkpoints() -> None:
+        time.sleep(0.3)
+        cluster.events["island-1"].append({"event": "checkpoint", "step": 3})
+        time.sleep(0.3)
+        cluster.events["island-0"].append({"event": "checkpoint", "step": 6})
+
+    writer = threading.Thread(target=write_checkpoints)
+    writer.start()
+    run_injector([fault], cluster)
+    writer.join()
+    assert cluster.calls == ["kill island-0", "kill island-1", "restart island-0", "restart island-1"]
+    assert fault.detail["checkpointed"] == {"island-0": 6, "island-1": 3}
+    assert fault.injected_at_s >= 0.6  # stamped at the kill, not at `at`
+
+
+def test_a_kill_waiting_for_a_checkpoint_needs_a_run_that_takes_them(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[[fault]]\nkind = "kill_island"\nat = 1\ntarget = "island-0"\nwhen = "checkpointed"\n')
+    check(load_schedule(str(path)), islands=3, etcd=False, local_checkpoints=True)
+    with pytest.raises(ConfigError, match="set diloco.local_checkpoint_every"):
+        check(load_schedule(str(path)), islands=3, etcd=False, local_checkpoints=False)
 
 
 def test_a_paused_coordinator_is_woken_after_its_duration():
