@@ -54,6 +54,8 @@ class IslandRow:
     loss: float | None = None
     tokens_per_s: float | None = None
     version: int | None = None
+    round_step: int | None = None  # inner steps done of the round being trained
+    round_steps: int | None = None
 
 
 @dataclass
@@ -92,16 +94,25 @@ def _of(value: int | None, total: int | None) -> str:
     return f"{value}/{total}" if total else str(value)
 
 
+def round_bar(done: int | None, total: int | None, width: int = 10) -> str:
+    """`■■■■□□□□□□ 21/50`: how far the round being trained is; "—" when unknown."""
+    if done is None or not total:
+        return "—"
+    filled = min(width, max(0, round(width * done / total)))
+    return f"{'■' * filled}{'□' * (width - filled)} {done}/{total}"
+
+
 def render(view: RunView) -> Group:
     """The panel a terminal shows."""
     eta = f" · ETA {duration(view.eta_s)}" if view.eta_s is not None else ""
     parts: list[Any] = [Text.from_markup(f"[bold]{view.title}[/] · {view.phase} · {duration(view.elapsed_s)} "
                                          f"elapsed{eta}")]
     if view.islands:
-        table = Table("island", "state", "rounds", "step", "loss", "tokens/s", "θ_b version", box=None,
+        table = Table("island", "state", "rounds", "this round", "step", "loss", "tokens/s", "θ_b version", box=None,
                       header_style="bold")
         for row in view.islands:
-            table.add_row(row.name, row.state, _of(row.rounds_done, row.rounds), _of(row.step, row.steps),
+            this_round = round_bar(row.round_step, row.round_steps) if row.state not in ("done", "stopped") else "—"
+            table.add_row(row.name, row.state, _of(row.rounds_done, row.rounds), this_round, _of(row.step, row.steps),
                           _num(row.loss, ".4f"), _num(row.tokens_per_s, ",.0f"), _num(row.version, "d"))
         parts.append(table)
     if view.fragments or view.coordinator:

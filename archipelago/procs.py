@@ -21,6 +21,15 @@ T = TypeVar("T")
 POLL_S = 0.1
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process was created (Linux: /proc), or None where that is not known."""
+    try:  # field 22 of stat: the start, in clock ticks since boot
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on at the moment (the OS's pick for port 0)."""
     with socket.socket() as sock:

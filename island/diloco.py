@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
+from archipelago.procs import process_age_s
 from island.ack_log import AckLog
 from island.diloco_config import DiLoCoConfig, run_config_hash, synced_tensors
 from island.local_checkpoint import LocalCheckpoints, resume_round
@@ -148,13 +149,19 @@ class DiLoCoClient:
 
     def run(self) -> IslandStats:
         """Register, pull, and run `cfg.rounds` outer rounds of H inner steps each."""
+        before_connect = process_age_s()
         self.connect()
         resumed = self.local_checkpoints.resumed_from if self.local_checkpoints else None
         if not resumed:
             self.order, self.position = self.fragment_order(), [resume_round(self), 0, 0]
         order, (start, segment, done) = self.order, self.position
+        age = process_age_s()
+        # what a start cost: the process up to here (interpreter, imports, model, data), of which the
+        # registration, θ_b pull or local resume
+        startup = None if age is None or before_connect is None else {
+            "process_s": round(age, 3), "connect_s": round(age - before_connect, 3)}
         self.ack_log.write({"event": "start", "epoch": self.epoch, "round": start, "version": self.version,
-                            "resumed_from": resumed})
+                            "resumed_from": resumed, "startup": startup})
         try:
             for round_ in range(start, self.cfg.rounds):
                 local_loss = None

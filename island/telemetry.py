@@ -5,7 +5,7 @@
   blocked on the coordinator, bytes sent and received, the error-feedback residual norm per
   fragment, reconnects; every series labelled with the island's id (one value per process);
 - a progress file, `diloco.progress_file` ("{island_id}" replaced; empty: none): a small JSON with
-  round, rounds done, step, last loss, tokens/s, θ_b version, replaced atomically at most twice a second and at
+  round, the steps done of it, rounds done, step, last loss, tokens/s, θ_b version, replaced atomically at most twice a second and at
   every sync, which `archipelago sim` reads to show the run live.
 
 The DiLoCo client calls `steps` after inner steps, `synced` after each sync and `finished` when it
@@ -184,8 +184,11 @@ class Telemetry:
             self.metrics.version.set(client.version)
         if not self.path:
             return
+        round_ = self.round_of(step)
+        first = self.cfg.steps_before(round_)
         publish_json(self.path, {
-            "island": self.island_id, "pid": os.getpid(), "state": self.state, "round": self.round_of(step),
+            "island": self.island_id, "pid": os.getpid(), "state": self.state, "round": round_,
+            "round_step": step - first, "round_steps": self.cfg.steps_before(round_ + 1) - first,
             "rounds_done": self.rounds_done(step), "rounds": self.cfg.rounds, "step": step, "steps": self.cfg.total_steps,
             "loss": self.loss if self.loss == self.loss else None, "tokens_per_s": self.tokens_per_s,
             "tokens": self.tokens, "version": client.version, "pushes": client.stats.pushes,

@@ -103,6 +103,11 @@ class Cluster:
             self._start_coordinator(name, port)
             if i == 0:
                 self._wait_serving(port, name)
+            else:  # the standby in the election before any island starts: the islands' start-up (the
+                # fault-free run's, which `sim plan --failures --validate` takes as a restart's) is
+                # then theirs alone, as a replacement island's is
+                wait_serving(lambda n=name: bool(log_times(self.out / f"{n}.log", "standing for election")) or None,
+                             self.group.procs[name], name, START_TIMEOUT_S, tail=lambda n=name: self.group.tail(n))
         for i, island in enumerate(self.tokens):
             self.proxies[island] = [LinkProxy(f"{self.host}:{port}", listen_host=self.host, wan=self.cfg.sim.link(i),
                                               seed=self.cfg.train.seed + i).start() for _, port in self.coordinators]

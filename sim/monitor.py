@@ -153,7 +153,8 @@ class RunMonitor:
         for name in self._islands:
             p = read_json(self._folder / f"{name}.progress.json") or {}
             rows.append(IslandRow(name, p.get("state", "starting"), p.get("rounds_done"), p.get("rounds"), p.get("step"),
-                                  p.get("steps"), p.get("loss"), p.get("tokens_per_s"), p.get("version")))
+                                  p.get("steps"), p.get("loss"), p.get("tokens_per_s"), p.get("version"),
+                                  p.get("round_step"), p.get("round_steps")))
         self.view.islands = rows
         steps = [r.step or 0 for r in rows if r.state != "done"]
         self._rate = self._phase_clock.rate(min(steps)) if steps else self._rate

@@ -96,3 +96,9 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_process_knows_how_long_ago_it_was_created():
+    code = "import time; time.sleep(0.5); from archipelago.procs import process_age_s; print(process_age_s())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert 0.5 <= float(out.stdout) < 10.0

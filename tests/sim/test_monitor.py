@@ -15,7 +15,7 @@ import time
 import yaml
 from rich.console import Console
 
-from archipelago.live import LiveView, publish_json
+from archipelago.live import LiveView, publish_json, render, round_bar
 from sim.monitor import RunMonitor
 from sim.scrape import MetricsPorts
 
@@ -80,3 +80,25 @@ def test_scrape_config_names_every_process_once_and_keeps_ports_by_name(tmp_path
     jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert jobs == {"archipelago-coordinator": [f"127.0.0.1:{first['coordinator']}"],
                     "archipelago-island": [f"127.0.0.1:{first['island-0']}", f"127.0.0.1:{first['island-1']}"]}
+
+
+def test_on_a_terminal_each_island_shows_how_far_its_round_is(tmp_path):
+    live = LiveView(Console(file=io.StringIO(), width=200), terminal=True)
+    monitor = RunMonitor("sim ci", [("islands", 100)], MetricsPorts(config_files=[]), live)
+    monitor.islands_phase("islands", tmp_path, ["island-0", "island-1"], lambda: None, lambda: [])
+    publish_json(tmp_path / "island-0.progress.json", {
+        "state": "training", "rounds_done": 1, "rounds": 2, "step": 71, "steps": 100, "round": 1,
+        "round_step": 21, "round_steps": 50, "loss": 5.0, "tokens_per_s": 1000.0, "version": 1})
+    publish_json(tmp_path / "island-1.progress.json", {
+        "state": "done", "rounds_done": 2, "rounds": 2, "step": 100, "steps": 100, "round": 1,
+        "round_step": 50, "round_steps": 50, "loss": 4.0, "tokens_per_s": 0.0, "version": 2})
+    monitor.poll(status=False)
+    rows = {row.name: row for row in monitor.view.islands}
+    assert (rows["island-0"].round_step, rows["island-0"].round_steps) == (21, 50)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render(monitor.view))  # the panel a terminal redraws
+    text = console.file.getvalue()
+    assert "■■■■□□□□□□ 21/50" in text  # 21 of 50 steps: 4 of 10
+    assert round_bar(50, 50) == "■■■■■■■■■■ 50/50" and round_bar(None, 50) == "—"
+    island_1 = next(line for line in text.splitlines() if "island-1" in line)
+    assert "/50" not in island_1  # a finished island shows no round in progress
