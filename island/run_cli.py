@@ -25,6 +25,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--report", help="write the island's report JSON here")
 
 
+def add_startup_only(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--startup-only", action="store_true",
+                     help="build what the island trains with (model, optimizer, data) and exit without connecting, "
+                          "printing how long the process took to get there as JSON: what a restart costs on this "
+                          "host before it reaches the coordinator")
+
+
 def check_island_index(args: argparse.Namespace) -> None:
     """Check the island's place, and settle `args.coordinator`: the flag, else the shards the
     preset lists under `[coordinator] shards`."""
@@ -52,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     init = sub.choices["init"]
     init.add_argument("--out", required=True, help="folder for the initial model checkpoint")
     add_run_arguments(sub.choices["run"])
+    add_startup_only(sub.choices["run"])
     launch.add_head_arguments(sub.choices["run"])
     # An island of replica groups on a cluster: its head (gateway + Lighthouse) and, under
     # torchrun once per group, its ranks.
@@ -76,6 +84,8 @@ def main(argv: list[str]) -> int:
         path = write_initial_model(job, args.out)
         print(f"initial model written to {path}")
         return 0
+    if getattr(args, "startup_only", False):
+        return startup_only(args, job)
     check_island_index(args)
     if args.action == "gateway":
         launch.run_head(args, job)
@@ -86,6 +96,20 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(job, island_id=args.island_index, num_islands=args.num_islands,
                       total_steps=job.total_inner_steps)
     run_island(args, job, trainer)
+    return 0
+
+
+def startup_only(args: argparse.Namespace, job: object) -> int:
+    """`island run --startup-only`: the island's start-up up to its first call to the coordinator."""
+    import json
+
+    from archipelago.procs import process_age_s
+
+    if is_replicated(job.island, job):
+        raise cfglib.ConfigError("--startup-only times a one-process island; an island of replica groups starts "
+                                 "through its gateway")
+    Trainer(job, island_id=args.island_index, num_islands=args.num_islands, total_steps=job.total_inner_steps)
+    print(json.dumps({"island_id": args.island_id, "process_s": process_age_s()}))
     return 0
 
 

@@ -32,8 +32,11 @@ then down). Checkpoints, all-reduces and outer syncs cost nothing here; only fai
       goodput = (1 − p_group_down) / (1 + Λ·(D + J)) · (1 − P_groups)
 
 `--validate` runs the chaos preset (`archipelago chaos --preset ci`, sim/chaos.py) twice: without
-faults, which gives the step time, the seconds an island process takes from its start to training
-(J), and the goodput of a run with no failure (start-up and the end of the run); then with island
+faults, which gives the step time, the goodput of a run with no failure (start-up and the end of
+the run) and J, the seconds a replacement island process takes from its start to training: an
+island process built alone while the run's islands train (`island run --startup-only`, the
+contention a replacement meets; the run's own start, every process at once, takes longer) plus
+the run's islands' registration and pull; then with island
 kills drawn as a Poisson process at a compressed rate (`--mtbf`, e.g. 90s per island), each island
 restarted `restart_after_s` (R) later and resuming from its local checkpoint. The prediction is
 that fault-free goodput times this system's failure factor at those inputs (c: the local checkpoint
@@ -44,9 +47,14 @@ kills, and next to what the model gives for the number of kills actually drawn.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +247,49 @@ def poisson_kills(rng: random.Random, islands: int, mtbf_s: float, expected_s: f
     return sorted(kills)
 
 
+class StartupProbe(threading.Thread):
+    """`island run --startup-only` started `delay_s` after every island of a run logged its start in
+    `folder` (its ack logs), so that it builds its island while theirs train; `process_s` is what it
+    printed, or None (and `error` why)."""
+
+    def __init__(self, preset_file: Path, folder: Path, islands: int, delay_s: float = 5.0,
+                 timeout_s: float = 300.0) -> None:
+        super().__init__(name="startup-probe", daemon=True)
+        self.preset_file, self.folder, self.islands = preset_file, folder, islands
+        self.delay_s, self.timeout_s = delay_s, timeout_s
+        self.process_s: float | None = None
+        self.error: str | None = None
+
+    def _islands_started(self) -> bool:
+        for i in range(self.islands):
+            path = self.folder / f"acks-island-{i}.jsonl"
+            if not path.exists() or '"event": "start"' not in path.read_text(errors="replace"):
+                return False
+        return True
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self._islands_started():
+            if time.monotonic() > deadline:
+                self.error = f"the run's islands did not all start within {self.timeout_s:.0f}s"
+                return
+            time.sleep(0.2)
+        time.sleep(self.delay_s)
+        argv = [sys.executable, "-m", "archipelago.cli", "island", "run", "--preset", str(self.preset_file),
+                "--island-id", "startup-probe", "--num-islands", str(self.islands), "--startup-only"]
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()),
+                                 stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            self.error = "island run --startup-only did not finish in time"
+            return
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            self.error = f"island run --startup-only exited with {out.returncode}: {out.stderr.strip()[-500:]}"
+            return
+        self.process_s = json.loads(lines[-1])["process_s"]
+
+
 def validate(args: argparse.Namespace) -> int:
     from sim.chaos_cluster import run_cluster
     from sim.fault_schedule import FaultSpec, Schedule
@@ -262,13 +313,23 @@ def validate(args: argparse.Namespace) -> int:
     bound_push_tokens(cfg)
     preset_file = out / "chaos-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
+    probe = StartupProbe(preset_file, out / "fault-free", cfg.sim.islands)
+    probe.start()
     clean = run_cluster(cfg, out / "fault-free", preset_file, cfg.use_etcd, None)
+    probe.join(60)
     clean_acc = accounting(clean)
     starts = [a["t"] - clean["spawned"][island] for island, acks in clean["acks"].items()
               for a in acks if a["event"] == "start"]
+    connects = [a["startup"]["connect_s"] for acks in clean["acks"].values() for a in acks
+                if a["event"] == "start" and a.get("startup")]
+    if probe.process_s is not None and connects:
+        rejoin_s, rejoin_from = probe.process_s + statistics.median(connects), "startup probe"
+    else:  # the run's own start-up: every process at once, an overestimate
+        rejoin_s, rejoin_from = statistics.median(starts), f"the run's start-up ({probe.error or 'no startup times'})"
+        console.print(f"[yellow]J from {rejoin_from}[/]")
     step_s = step_seconds(clean, cfg)
     measured = {"islands": cfg.sim.islands, "accelerators_per_island": 1, "quorum": cfg.coordinator.quorum,
-                "restart_s": cfg.faults.restart_after_s, "rejoin_s": statistics.median(starts),
+                "restart_s": cfg.faults.restart_after_s, "rejoin_s": rejoin_s,
                 "checkpoint_every_s": cfg.diloco.local_checkpoint_every * step_s,
                 "detect_s": cfg.coordinator.lease_ttl_s, "base_goodput": clean_acc["goodput"]}
     plan = build_input(argparse.Namespace(**{**vars(args), "islands": None, "accelerators": None,
@@ -292,11 +353,18 @@ def validate(args: argparse.Namespace) -> int:
                      "updates_lost": acc["updates_lost"], "updates_applied_twice": acc["updates_applied_twice"],
                      "goodput_breakdown": acc["goodput_breakdown"], "wall_s": acc["wall_s"]},
         "predicted_for_the_drawn_kills": drawn,
+        "rejoin": {"from": rejoin_from, "startup_probe_s": probe.process_s,
+                   "connect_s": statistics.median(connects) if connects else None,
+                   "fault_free_start_s": statistics.median(starts),
+                   # the replacements' own start-up in the run with kills (process start to training)
+                   "replacements_s": [a["startup"]["process_s"] for acks in chaos["acks"].values() for a in acks
+                                      if a["event"] == "start" and a.get("epoch", 1) > 1 and a.get("startup")]},
         "gap": predicted["this_system"]["goodput"] - acc["goodput"]}
     show(plan, predicted)
     console.print(summary_table(f"plan --failures --validate · chaos {args.preset}", {
         "kills (expected, injected)": f"{result['kills_expected']:.1f}, {len(injected)}",
-        "rejoin J (measured)": f"{plan.rejoin_s:.2f}s", "checkpoint every c": f"{plan.checkpoint_every_s:.2f}s",
+        "rejoin J (measured)": f"{plan.rejoin_s:.2f}s ({rejoin_from}; the run's own start: "
+                               f"{statistics.median(starts):.2f}s)", "checkpoint every c": f"{plan.checkpoint_every_s:.2f}s",
         "fault-free goodput": f"{clean_acc['goodput']:.3f}",
         "goodput": f"{predicted['this_system']['goodput']:.3f} predicted · {acc['goodput']:.3f} measured "
                    f"({abs(result['gap']):.3f} apart)",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from archipelago.cli import main
@@ -65,3 +69,16 @@ def test_train_on_an_empty_corpus(capsys, tmp_path):
     assert code == 2
     line = one_line_error(err)
     assert str(corpus) in line
+
+
+def test_an_island_process_leaves_with_its_output_flushed_and_its_status(data_cache):
+    """`island run` ends without the interpreter's teardown (archipelago/cli.py): what it printed still
+    reaches a pipe, and its status is the command's; an error still exits 2 with its message."""
+    argv = [sys.executable, "-m", "archipelago.cli", "island", "run", "--island-id", "x", "--startup-only",
+            "--preset", "ci", "--set", f"data.cache_dir={data_cache}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["island_id"] == "x"
+    bad = subprocess.run([*argv, "--set", "train.batch_size=0"], capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "batch_size" in bad.stderr, bad.stderr

@@ -1,16 +1,21 @@
 """The goodput model under failures (sim/failures.py), by hand; its validation against a chaos run is
-`archipelago sim plan --failures --validate` (docs/experiments.md)."""
+`archipelago sim plan --failures --validate` (docs/experiments.md); the probe that gives it J builds a
+real island process."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 
+from archipelago import config as cfglib
 from archipelago.config import ConfigError
 from sim import failures
-from sim.failures import FailureInput, lost_since_checkpoint, poisson_kills, predict, seconds
+from sim.failures import FailureInput, StartupProbe, lost_since_checkpoint, poisson_kills, predict, seconds
+from sim.run_faults import load_config
 
 
 def test_the_work_a_failure_destroys_is_about_half_a_checkpoint_interval():
@@ -64,3 +69,19 @@ def test_poisson_kills_leave_each_island_up_between_them():
         times = [t for t, i in kills if i == island]
         assert all(b - a >= 5.0 for a, b in zip(times, times[1:], strict=False))
     assert 9 <= len(kills) <= 27  # about 3 × 300 / 55 = 16 expected
+
+
+def test_the_startup_probe_times_an_island_built_once_the_runs_islands_started(tmp_path, data_cache):
+    preset = tmp_path / "preset.toml"
+    cfg = load_config("ci", [f"data.cache_dir={data_cache}"])
+    preset.write_text(cfglib.dump_toml(asdict(cfg)))
+    waiting = StartupProbe(preset, tmp_path, islands=2, delay_s=0.0, timeout_s=0.5)
+    waiting.start()
+    waiting.join(30)
+    assert waiting.process_s is None and "did not all start" in waiting.error
+    for i in range(2):
+        (tmp_path / f"acks-island-{i}.jsonl").write_text(json.dumps({"event": "start", "island": f"island-{i}"}) + "\n")
+    probe = StartupProbe(preset, tmp_path, islands=2, delay_s=0.0, timeout_s=240.0)
+    probe.start()
+    probe.join(240)
+    assert probe.error is None and 0.1 < probe.process_s < 240, probe.error
