@@ -33,10 +33,11 @@ then down). Checkpoints, all-reduces and outer syncs cost nothing here; only fai
 
 `--validate` runs the chaos preset (`archipelago chaos --preset ci`, sim/chaos.py) twice: without
 faults, which gives the step time, the goodput of a run with no failure (start-up and the end of
-the run) and J, the seconds a replacement island process takes from its start to training: an
-island process built alone while the run's islands train (`island run --startup-only`, the
-contention a replacement meets; the run's own start, every process at once, takes longer) plus
-the run's islands' registration and pull; then with island
+the run) and J, the seconds a replacement island process takes from its start to training: the CPU
+seconds of an island process built alone after that run (`island run --startup-only`), at the share
+of this host's cores a replacement gets beside the islands that train on (cores / islands, at most
+1: on a cluster of one island per host, its own start), plus the run's islands' registration and
+pull (the run's own start, every process at once, takes longer and is reported beside it); then with island
 kills drawn as a Poisson process at a compressed rate (`--mtbf`, e.g. 90s per island), each island
 restarted `restart_after_s` (R) later and resuming from its local checkpoint. The prediction is
 that fault-free goodput times this system's failure factor at those inputs (c: the local checkpoint
@@ -49,12 +50,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -247,47 +249,34 @@ def poisson_kills(rng: random.Random, islands: int, mtbf_s: float, expected_s: f
     return sorted(kills)
 
 
-class StartupProbe(threading.Thread):
-    """`island run --startup-only` started `delay_s` after every island of a run logged its start in
-    `folder` (its ack logs), so that it builds its island while theirs train; `process_s` is what it
-    printed, or None (and `error` why)."""
-
-    def __init__(self, preset_file: Path, folder: Path, islands: int, delay_s: float = 5.0,
-                 timeout_s: float = 300.0) -> None:
-        super().__init__(name="startup-probe", daemon=True)
-        self.preset_file, self.folder, self.islands = preset_file, folder, islands
-        self.delay_s, self.timeout_s = delay_s, timeout_s
-        self.process_s: float | None = None
-        self.error: str | None = None
-
-    def _islands_started(self) -> bool:
-        for i in range(self.islands):
-            path = self.folder / f"acks-island-{i}.jsonl"
-            if not path.exists() or '"event": "start"' not in path.read_text(errors="replace"):
-                return False
-        return True
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while not self._islands_started():
-            if time.monotonic() > deadline:
-                self.error = f"the run's islands did not all start within {self.timeout_s:.0f}s"
-                return
-            time.sleep(0.2)
-        time.sleep(self.delay_s)
-        argv = [sys.executable, "-m", "archipelago.cli", "island", "run", "--preset", str(self.preset_file),
-                "--island-id", "startup-probe", "--num-islands", str(self.islands), "--startup-only"]
+def startup_probe(preset_file: Path, islands: int, timeout_s: float = 300.0) -> dict[str, float]:
+    """An island process built alone (`island run --startup-only`): its wall seconds to the point where
+    it would call the coordinator (`process_s`), and the CPU seconds it spent in all (`cpu_s`, from
+    the kernel's accounting of the child). Raises RuntimeError when it fails or overruns."""
+    argv = [sys.executable, "-m", "archipelago.cli", "island", "run", "--preset", str(preset_file),
+            "--island-id", "startup-probe", "--num-islands", str(islands), "--startup-only"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()),
-                                 stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            self.error = "island run --startup-only did not finish in time"
-            return
-        lines = out.stdout.strip().splitlines()
-        if out.returncode != 0 or not lines:
-            self.error = f"island run --startup-only exited with {out.returncode}: {out.stderr.strip()[-500:]}"
-            return
-        self.process_s = json.loads(lines[-1])["process_s"]
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines, tail = out.read().strip().splitlines(), err.read().strip()[-500:]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"island run --startup-only exited with {proc.returncode}: {tail}")
+    return {"process_s": float(json.loads(lines[-1])["process_s"]), "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -313,20 +302,18 @@ def validate(args: argparse.Namespace) -> int:
     bound_push_tokens(cfg)
     preset_file = out / "chaos-config.toml"
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
-    probe = StartupProbe(preset_file, out / "fault-free", cfg.sim.islands)
-    probe.start()
     clean = run_cluster(cfg, out / "fault-free", preset_file, cfg.use_etcd, None)
-    probe.join(60)
     clean_acc = accounting(clean)
     starts = [a["t"] - clean["spawned"][island] for island, acks in clean["acks"].items()
               for a in acks if a["event"] == "start"]
     connects = [a["startup"]["connect_s"] for acks in clean["acks"].values() for a in acks
                 if a["event"] == "start" and a.get("startup")]
-    if probe.process_s is not None and connects:
-        rejoin_s, rejoin_from = probe.process_s + statistics.median(connects), "startup probe"
-    else:  # the run's own start-up: every process at once, an overestimate
-        rejoin_s, rejoin_from = statistics.median(starts), f"the run's start-up ({probe.error or 'no startup times'})"
-        console.print(f"[yellow]J from {rejoin_from}[/]")
+    # J as a replacement meets it: an island built alone (its CPU seconds), at the share of this
+    # host's cores it gets beside the islands that train on, plus the run's registration and pull
+    probe = startup_probe(preset_file, cfg.sim.islands)
+    share = min(1.0, host_cores() / cfg.sim.islands)
+    rejoin_s = probe["cpu_s"] / share + (statistics.median(connects) if connects else 0.0)
+    rejoin_from = f"startup probe: {probe['cpu_s']:.2f} CPU s at {share:.2f} of the cores"
     step_s = step_seconds(clean, cfg)
     measured = {"islands": cfg.sim.islands, "accelerators_per_island": 1, "quorum": cfg.coordinator.quorum,
                 "restart_s": cfg.faults.restart_after_s, "rejoin_s": rejoin_s,
@@ -353,7 +340,7 @@ def validate(args: argparse.Namespace) -> int:
                      "updates_lost": acc["updates_lost"], "updates_applied_twice": acc["updates_applied_twice"],
                      "goodput_breakdown": acc["goodput_breakdown"], "wall_s": acc["wall_s"]},
         "predicted_for_the_drawn_kills": drawn,
-        "rejoin": {"from": rejoin_from, "startup_probe_s": probe.process_s,
+        "rejoin": {"from": rejoin_from, "startup_probe": probe, "core_share": share,
                    "connect_s": statistics.median(connects) if connects else None,
                    "fault_free_start_s": statistics.median(starts),
                    # the replacements' own start-up in the run with kills (process start to training)

@@ -4,7 +4,6 @@ real island process."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict
@@ -14,7 +13,7 @@ import pytest
 from archipelago import config as cfglib
 from archipelago.config import ConfigError
 from sim import failures
-from sim.failures import FailureInput, StartupProbe, lost_since_checkpoint, poisson_kills, predict, seconds
+from sim.failures import FailureInput, lost_since_checkpoint, poisson_kills, predict, seconds, startup_probe
 from sim.run_faults import load_config
 
 
@@ -71,17 +70,12 @@ def test_poisson_kills_leave_each_island_up_between_them():
     assert 9 <= len(kills) <= 27  # about 3 × 300 / 55 = 16 expected
 
 
-def test_the_startup_probe_times_an_island_built_once_the_runs_islands_started(tmp_path, data_cache):
+def test_the_startup_probe_builds_an_island_and_reports_its_wall_and_cpu_seconds(tmp_path, data_cache):
     preset = tmp_path / "preset.toml"
     cfg = load_config("ci", [f"data.cache_dir={data_cache}"])
     preset.write_text(cfglib.dump_toml(asdict(cfg)))
-    waiting = StartupProbe(preset, tmp_path, islands=2, delay_s=0.0, timeout_s=0.5)
-    waiting.start()
-    waiting.join(30)
-    assert waiting.process_s is None and "did not all start" in waiting.error
-    for i in range(2):
-        (tmp_path / f"acks-island-{i}.jsonl").write_text(json.dumps({"event": "start", "island": f"island-{i}"}) + "\n")
-    probe = StartupProbe(preset, tmp_path, islands=2, delay_s=0.0, timeout_s=240.0)
-    probe.start()
-    probe.join(240)
-    assert probe.error is None and 0.1 < probe.process_s < 240, probe.error
+    probe = startup_probe(preset, islands=2)
+    assert 0.1 < probe["process_s"] < 240 and 0.1 < probe["cpu_s"] < 240, probe
+    preset.write_text(cfglib.dump_toml({**asdict(cfg), "train": {**asdict(cfg)["train"], "batch_size": 0}}))
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        startup_probe(preset, islands=2)
