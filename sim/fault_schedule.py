@@ -25,9 +25,11 @@ takes over, and the paused one wakes as a zombie whose lease is gone).
 `when = "merging"` times a kill_coordinator to a phase: from `at` on, the injector watches the
 leader's state directory and kills it as soon as it is writing a commit (the outer step applied in
 memory, its delta or checkpoint under a temporary name, the store transaction not made yet).
-`when = "checkpointed"` holds a kill_island from `at` on until every island it kills has written a
-local checkpoint (`diloco.local_checkpoint_every`) since it started, so that a schedule meant to
-test resuming from one cannot land before the first is on disk.
+`when = "checkpointed"` holds a kill_island from `at` on until every island it kills has a local
+checkpoint (`diloco.local_checkpoint_every`) it could resume from: written since it started and
+after the last push the coordinator answered it. A schedule meant to test resuming then lands
+neither before the first checkpoint is on disk nor in the moment between a push's answer and the
+checkpoint that counts it (a replacement would pull θ_b, and say why).
 
 Drawing a schedule (`draw`) turns fractions into seconds, applies the jitter and picks the drawn
 islands, all from one `random.Random(seed)`: the islands first, then each fault's jitter in file

@@ -135,18 +135,22 @@ class RunFaultInjector:
             fault.ended_at_s = self.now()
 
     def _wait_checkpointed(self, islands: list[str], timeout_s: float) -> dict[str, int] | None:
-        """Wait (bounded) until each of `islands` has logged a local checkpoint written by its current
-        process (after its last start); the step of each island's newest, or None at the deadline or
-        when the run ends first."""
+        """Wait (bounded) until each of `islands` has a local checkpoint a restart could resume from:
+        written by its current process (after its last start) and taken after the last push the
+        coordinator answered it (a checkpoint from before that answer does not count the push the
+        coordinator holds, and a replacement would pull θ_b instead). The step of each island's
+        newest, or None at the deadline or when the run ends first."""
         deadline = time.monotonic() + timeout_s
         while True:
             steps: dict[str, int] = {}
             for island in islands:
                 events = self.cluster.acks(island)
                 starts = [i for i, e in enumerate(events) if e["event"] == "start"]
-                written = [e["step"] for e in events[starts[-1] if starts else 0:] if e["event"] == "checkpoint"]
-                if written:
-                    steps[island] = written[-1]
+                current = events[starts[-1] if starts else 0:]
+                written = [e for e in current if e["event"] == "checkpoint"]
+                answered = [e["t"] for e in current if e["event"] == "push"]
+                if written and (not answered or written[-1]["captured_at"] >= answered[-1]):
+                    steps[island] = written[-1]["step"]
             if len(steps) == len(islands):
                 return steps
             if time.monotonic() > deadline or self.cluster.done.wait(0.05):

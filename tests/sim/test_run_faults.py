@@ -186,14 +186,19 @@ def test_a_kill_can_wait_until_the_islands_have_written_a_local_checkpoint():
     cluster = FakeCluster()
     start = {"event": "start"}
     # island-0's checkpoint is its previous process's (before its last start): it does not count
-    cluster.events = {"island-0": [start, {"event": "checkpoint", "step": 3}, start], "island-1": [start]}
+    cluster.events = {"island-0": [start, {"event": "checkpoint", "step": 3, "captured_at": 1.0}, start],
+                      "island-1": [start]}
     fault = Fault("kill_island", 0.0, ["island-0", "island-1"], 0.0, when="checkpointed")
 
     def write_checkpoints() -> None:
         time.sleep(0.3)
-        cluster.events["island-1"].append({"event": "checkpoint", "step": 3})
+        cluster.events["island-1"].append({"event": "checkpoint", "step": 3, "captured_at": 2.0})
         time.sleep(0.3)
-        cluster.events["island-0"].append({"event": "checkpoint", "step": 6})
+        # island-0 checkpoints, then the coordinator answers a push: that checkpoint does not count it
+        cluster.events["island-0"] += [{"event": "checkpoint", "step": 5, "captured_at": 3.0},
+                                       {"event": "push", "t": 3.5}]
+        time.sleep(0.3)
+        cluster.events["island-0"].append({"event": "checkpoint", "step": 6, "captured_at": 4.0})
 
     writer = threading.Thread(target=write_checkpoints)
     writer.start()
@@ -201,7 +206,7 @@ def test_a_kill_can_wait_until_the_islands_have_written_a_local_checkpoint():
     writer.join()
     assert cluster.calls == ["kill island-0", "kill island-1", "restart island-0", "restart island-1"]
     assert fault.detail["checkpointed"] == {"island-0": 6, "island-1": 3}
-    assert fault.injected_at_s >= 0.6  # stamped at the kill, not at `at`
+    assert fault.injected_at_s >= 0.9  # stamped at the kill, not at `at`
 
 
 def test_a_kill_waiting_for_a_checkpoint_needs_a_run_that_takes_them(tmp_path):
