@@ -37,9 +37,9 @@ the run) and J, the seconds a replacement island process takes from its start to
 seconds of an island process built alone after that run (`island run --startup-only`), at the share
 of this host's cores a replacement gets beside the islands that train on (cores / islands, at most
 1: on a cluster of one island per host, its own start), plus the run's islands' registration and
-pull (the run's own start, every process at once, takes longer and is reported beside it); then with island
-kills drawn as a Poisson process at a compressed rate (`--mtbf`, e.g. 90s per island), each island
-restarted `restart_after_s` (R) later and resuming from its local checkpoint. The prediction is
+pull (the run's own start, every process at once, takes longer and is reported beside it); then
+with island kills drawn as a Poisson process at a compressed rate (`--mtbf`, e.g. 90s per island),
+each island restarted `restart_after_s` (R) later and resuming from its local checkpoint. The prediction is
 that fault-free goodput times this system's failure factor at those inputs (c: the local checkpoint
 interval at the measured step time); it is printed next to the goodput measured under the drawn
 kills, and next to what the model gives for the number of kills actually drawn.
