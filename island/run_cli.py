@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from archipelago import config as cfglib
-from island.job import load_job, run_island, write_initial_model
+from archipelago.procs import process_age_s
+from island.job import IslandJobConfig, load_job, run_island, write_initial_model
 from island.replica import is_replicated
 from island.train import Trainer
 
@@ -99,12 +101,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def startup_only(args: argparse.Namespace, job: object) -> int:
+def startup_only(args: argparse.Namespace, job: IslandJobConfig) -> int:
     """`island run --startup-only`: the island's start-up up to its first call to the coordinator."""
-    import json
-
-    from archipelago.procs import process_age_s
-
     if is_replicated(job.island, job):
         raise cfglib.ConfigError("--startup-only times a one-process island; an island of replica groups starts "
                                  "through its gateway")

@@ -103,11 +103,9 @@ class Cluster:
             self._start_coordinator(name, port)
             if i == 0:
                 self._wait_serving(port, name)
-            else:  # the standby in the election before any island starts: the islands' start-up (the
-                # fault-free run's, which `sim plan --failures --validate` takes as a restart's) is
+            else:  # the standby in the election before any island starts: the islands' start-up is
                 # then theirs alone, as a replacement island's is
-                wait_serving(lambda n=name: bool(log_times(self.out / f"{n}.log", "standing for election")) or None,
-                             self.group.procs[name], name, START_TIMEOUT_S, tail=lambda n=name: self.group.tail(n))
+                self._wait_standing(name)
         for i, island in enumerate(self.tokens):
             self.proxies[island] = [LinkProxy(f"{self.host}:{port}", listen_host=self.host, wan=self.cfg.sim.link(i),
                                               seed=self.cfg.train.seed + i).start() for _, port in self.coordinators]
@@ -163,6 +161,12 @@ class Cluster:
     def _wait_serving(self, port: int, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
         wait_serving(lambda: self.status(port), self.group.procs[name], name, timeout_s,
                      tail=lambda: self.group.tail(name))
+
+    def _wait_standing(self, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the standby `name` has logged that it stands for election (it holds no port to ask)."""
+        log = self.out / f"{name}.log"
+        wait_serving(lambda: bool(log_times(log, "standing for election")) or None, self.group.procs[name], name,
+                     timeout_s, tail=lambda: self.group.tail(name))
 
     def status(self, port: int | None = None) -> dict[str, Any] | None:
         port = port if port is not None else self.leader_port()

@@ -304,15 +304,16 @@ def validate(args: argparse.Namespace) -> int:
     preset_file.write_text(cfglib.dump_toml(asdict(cfg)))
     clean = run_cluster(cfg, out / "fault-free", preset_file, cfg.use_etcd, None)
     clean_acc = accounting(clean)
-    starts = [a["t"] - clean["spawned"][island] for island, acks in clean["acks"].items()
-              for a in acks if a["event"] == "start"]
+    run_start_s = statistics.median(a["t"] - clean["spawned"][island] for island, acks in clean["acks"].items()
+                                    for a in acks if a["event"] == "start")
     connects = [a["startup"]["connect_s"] for acks in clean["acks"].values() for a in acks
                 if a["event"] == "start" and a.get("startup")]
+    connect_s = statistics.median(connects) if connects else None
     # J as a replacement meets it: an island built alone (its CPU seconds), at the share of this
     # host's cores it gets beside the islands that train on, plus the run's registration and pull
     probe = startup_probe(preset_file, cfg.sim.islands)
     share = min(1.0, host_cores() / cfg.sim.islands)
-    rejoin_s = probe["cpu_s"] / share + (statistics.median(connects) if connects else 0.0)
+    rejoin_s = probe["cpu_s"] / share + (connect_s or 0.0)
     rejoin_from = f"startup probe: {probe['cpu_s']:.2f} CPU s at {share:.2f} of the cores"
     step_s = step_seconds(clean, cfg)
     measured = {"islands": cfg.sim.islands, "accelerators_per_island": 1, "quorum": cfg.coordinator.quorum,
@@ -341,8 +342,7 @@ def validate(args: argparse.Namespace) -> int:
                      "goodput_breakdown": acc["goodput_breakdown"], "wall_s": acc["wall_s"]},
         "predicted_for_the_drawn_kills": drawn,
         "rejoin": {"from": rejoin_from, "startup_probe": probe, "core_share": share,
-                   "connect_s": statistics.median(connects) if connects else None,
-                   "fault_free_start_s": statistics.median(starts),
+                   "connect_s": connect_s, "fault_free_start_s": run_start_s,
                    # the replacements' own start-up in the run with kills (process start to training)
                    "replacements_s": [a["startup"]["process_s"] for acks in chaos["acks"].values() for a in acks
                                       if a["event"] == "start" and a.get("epoch", 1) > 1 and a.get("startup")]},
@@ -350,8 +350,8 @@ def validate(args: argparse.Namespace) -> int:
     show(plan, predicted)
     console.print(summary_table(f"plan --failures --validate · chaos {args.preset}", {
         "kills (expected, injected)": f"{result['kills_expected']:.1f}, {len(injected)}",
-        "rejoin J (measured)": f"{plan.rejoin_s:.2f}s ({rejoin_from}; the run's own start: "
-                               f"{statistics.median(starts):.2f}s)", "checkpoint every c": f"{plan.checkpoint_every_s:.2f}s",
+        "rejoin J (measured)": f"{plan.rejoin_s:.2f}s ({rejoin_from}; the run's own start: {run_start_s:.2f}s)",
+        "checkpoint every c": f"{plan.checkpoint_every_s:.2f}s",
         "fault-free goodput": f"{clean_acc['goodput']:.3f}",
         "goodput": f"{predicted['this_system']['goodput']:.3f} predicted · {acc['goodput']:.3f} measured "
                    f"({abs(result['gap']):.3f} apart)",

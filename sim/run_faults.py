@@ -7,7 +7,7 @@ the expected run time (the fault-free run's). Each fault starts at its time on a
 so faults may overlap (two islands killed at once, a coordinator paused while an island is down).
 
     kill_island        SIGKILL the islands' process groups; start them again `duration` later; with
-                       `when = "checkpointed"`, once each has written a local checkpoint
+                       `when = "checkpointed"`, once each has a local checkpoint to resume from
     kill_coordinator   SIGKILL the leader (or the standby): a standby takes over (etcd), or, without
                        etcd, it is started again on its state directory after `duration`; with
                        `when = "merging"`, at the leader's next commit (its files being written)
